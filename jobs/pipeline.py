@@ -1,0 +1,134 @@
+"""The Ray Data pipeline: the only place where the operators meet Ray.
+
+    listed sources -> prepare (CPU tasks) -> Detector (actor pool, GPUs where present)
+                   -> write (CPU tasks) -> small stats rows streamed back to the driver
+
+Weights are resolved once on the driver and put in the object store; each detection actor gets
+the bytes from there, so workers need neither a shared disk nor network access.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import ray
+
+from jobs.spec import JobSpec
+from models.catalog import ModelEntry
+from operators.detect import Detector
+from operators.prepare import prepare_batch
+from operators.write import WriteOptions, write_batch
+
+PREPARE_BATCH = 4  # items per read+prepare task batch: small, since each holds a detection copy
+WRITE_BATCH = 8
+
+
+@contextmanager
+def ray_session() -> Iterator[None]:
+    """Join the cluster named by RAY_ADDRESS (or an already-initialised Ray); otherwise start a
+    local Ray sized to this machine and shut it down afterwards."""
+    if ray.is_initialized():
+        yield
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], logging_level=logging.WARNING)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+        return
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@dataclass
+class Resources:
+    cpus: int
+    gpus: int
+    detect_actors: int
+    threads_per_actor: int
+    device: str
+
+
+def plan_resources(spec: JobSpec) -> Resources:
+    """Actor count and threads from the cluster's resources (overridable by the spec)."""
+    total = ray.cluster_resources()
+    cpus, gpus = int(total.get("CPU", 1)), int(total.get("GPU", 0))
+    device = spec.device if spec.device != "auto" else ("cuda" if gpus else "cpu")
+    if device == "cuda":
+        actors = spec.detect_actors or max(gpus, 1)
+        threads = 1
+    else:
+        # ONNX Runtime parallelises inside one session well; few actors with several threads
+        # each leave the remaining CPUs to the decode/encode tasks.
+        actors = spec.detect_actors or max(1, cpus // 4)
+        threads = max(1, cpus // actors)
+    return Resources(cpus, gpus, actors, threads, device)
+
+
+class _RayDetector(Detector):
+    """Detector whose weights arrive as object references (resolved once, when the actor starts)."""
+
+    def __init__(self, model_refs: list, **kwargs):
+        super().__init__([(entry, ray.get(ref)) for entry, ref in model_refs], **kwargs)
+
+
+def build_dataset(
+    spec: JobSpec,
+    sources: list[dict],
+    classes: list[str],
+    models: dict[str, ModelEntry],
+    weights: dict[str, bytes],
+    job_root: str,
+    res: Resources,
+) -> ray.data.Dataset:
+    model_refs = [(models[name].model_dump(), ray.put(weights[name])) for name in models]
+    actor_memory = 256 * 2**20 + 4 * sum(len(w) for w in weights.values())
+    blocks = max(1, min(len(sources), res.cpus * 8, 2000))
+    ds = ray.data.from_items(sources, override_num_blocks=blocks)
+    ds = ds.map_batches(
+        prepare_batch,
+        batch_size=PREPARE_BATCH,
+        batch_format="numpy",
+        fn_kwargs={
+            "storage_options": spec.storage_options,
+            "det_max_side": spec.det_max_side,
+            "max_pixels": spec.max_pixels,
+        },
+    )
+    ds = ds.map_batches(
+        _RayDetector,
+        batch_size=spec.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=res.detect_actors),
+        num_cpus=0 if res.device == "cuda" else 1,
+        num_gpus=1 if res.device == "cuda" else 0,
+        # The memory request reserves room for the sessions; being a different resource shape
+        # from the prepare tasks, it also keeps Ray from fusing decoding into these actors.
+        memory=actor_memory,
+        fn_constructor_kwargs={
+            "model_refs": model_refs,
+            "classes": classes,
+            "thresholds": spec.thresholds(),
+            "device": res.device,
+            "threads": res.threads_per_actor,
+        },
+    )
+    options = WriteOptions(
+        job_id=spec.job_id,
+        job_root=job_root,
+        method=spec.method,
+        bbox=spec.bbox,
+        kernels=spec.kernels(),
+        quality=spec.quality,
+        compress_level=spec.compress_level,
+        storage_options=spec.storage_options,
+    )
+    return ds.map_batches(write_batch, batch_size=WRITE_BATCH, batch_format="numpy", fn_kwargs={"options": options})

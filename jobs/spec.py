@@ -1,0 +1,125 @@
+"""`JobSpec`: everything a job needs, validated before anything is listed or started.
+
+Built from CLI flags, a YAML/JSON file or an API request. Field names follow the seed APIs;
+dashes and underscores are both accepted (`face-threshold` == `face_threshold`). A bad value is
+refused with the field's name and what is allowed.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from datetime import datetime, timezone
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from models.catalog import ModelEntry, classes_with_models, default_models, load_catalog
+from models.detections import CLASSES
+from operators.anonymize import METHODS
+
+DEFAULT_CLASSES = ("face", "license_plate")  # the street-view default when no class flag is given
+
+
+class SpecError(ValueError):
+    """A job spec that cannot run; the message names the option and what is allowed."""
+
+
+def new_job_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+
+
+class JobSpec(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", populate_by_name=True, alias_generator=lambda name: name.replace("_", "-")
+    )
+
+    inputs: list[str] = Field(min_length=1, description="files, folders, globs or fsspec URLs")
+    output: str = Field(min_length=1, description="folder or fsspec URL; the job writes OUTPUT/JOB_ID/")
+    job_id: str = Field(default_factory=new_job_id, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+    # which classes (None: the default set)
+    face: bool | None = None
+    license_plate: bool | None = None
+    person: bool | None = None
+    vehicle: bool | None = None
+
+    method: Literal["blur", "pixelate", "blacken", "detect"] = "blur"
+    bbox: bool = Field(False, description="anonymize the box instead of the inscribed ellipse")
+    face_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    license_plate_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    person_threshold: float = Field(0.4, ge=0.0, le=1.0)
+    vehicle_threshold: float = Field(0.4, ge=0.0, le=1.0)
+    kernel_size_face: float = Field(0.35, gt=0.0, le=1000.0)
+    kernel_size_license_plate: float = Field(0.5, gt=0.0, le=1000.0)
+    kernel_size_person: float = Field(95.0, gt=0.0, le=1000.0)
+    kernel_size_vehicle: float = Field(61.0, gt=0.0, le=1000.0)
+    quality: int = Field(90, ge=0, le=100, description="JPEG/WebP quality")
+    compress_level: int = Field(5, ge=0, le=9, description="PNG compression level")
+
+    storage_options: dict = Field(default_factory=dict, description="fsspec options for remote URLs")
+    models: str | None = Field(None, description="extra model catalog file (YAML/JSON)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    det_max_side: int = Field(2048, ge=256, le=16384, description="longer side of the detection copy, px")
+    max_pixels: int = Field(250_000_000, ge=1, description="larger images are refused as TOO_LARGE")
+    batch_size: int = Field(8, ge=1, le=1024, description="images per detection batch")
+    detect_actors: int | None = Field(None, ge=1, le=4096, description="detection actors (default: from resources)")
+
+    @field_validator("job_id")
+    @classmethod
+    def _no_dots_only(cls, v: str) -> str:
+        if re.fullmatch(r"\.+", v):
+            raise ValueError("a job id cannot be dots only")
+        return v
+
+    def thresholds(self) -> dict[str, float]:
+        return {c: getattr(self, f"{c}_threshold") for c in CLASSES}
+
+    def kernels(self) -> dict[str, float]:
+        return {c: getattr(self, f"kernel_size_{c}") for c in CLASSES}
+
+    def requested_classes(self) -> list[str]:
+        """The classes asked for by flag, or the default set when no flag is given."""
+        flags = {c: getattr(self, c) for c in CLASSES}
+        if any(v is not None for v in flags.values()):
+            return [c for c in CLASSES if flags[c]]
+        return list(DEFAULT_CLASSES)
+
+    def resolve_models(self) -> tuple[list[str], dict[str, ModelEntry]]:
+        """(classes, models to load). Refuses a class asked for by flag that no model serves;
+        drops such a class silently only from the implicit default set."""
+        catalog = load_catalog(self.models)
+        served = classes_with_models(catalog)
+        classes = self.requested_classes()
+        explicit = any(getattr(self, c) is not None for c in CLASSES)
+        missing = [c for c in classes if c not in served]
+        if missing and explicit:
+            names = ", ".join("--" + c.replace("_", "-") for c in missing)
+            raise SpecError(
+                f"{names}: no model in the catalog detects {', '.join(missing)}; "
+                f"classes with a model: {sorted(served)}"
+            )
+        classes = [c for c in classes if c in served]
+        if not classes:
+            raise SpecError(f"no class to detect; choose from {sorted(served)} (--face, --license-plate, ...)")
+        return classes, default_models(catalog, classes)
+
+
+def build_spec(fields: dict) -> JobSpec:
+    """JobSpec from a dict (flags, file or request), with errors as one readable SpecError."""
+    try:
+        return JobSpec.model_validate(fields)
+    except ValidationError as exc:
+        raise SpecError(_describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        name = "-".join(str(p) for p in err["loc"]).replace("_", "-") or "spec"
+        got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+        lines.append(f"{name}: {err['msg']}{got}")
+    return "; ".join(lines)
+
+
+__all__ = ["JobSpec", "SpecError", "build_spec", "new_job_id", "METHODS"]

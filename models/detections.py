@@ -1,0 +1,143 @@
+"""`Detections`: the one structure that carries what a model found through every stage.
+
+Boxes are pixel corners (x1, y1, x2, y2) as float32 in the coordinates of the image they were
+found in; stages rescale them (`scaled`) rather than keeping parallel copies. Between Ray stages a
+`Detections` travels as a small JSON string (`to_json` / `from_json`) so blocks stay plain Arrow.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# The seed APIs' four classes; the order is fixed (it is the class id).
+CLASSES: tuple[str, ...] = ("face", "license_plate", "person", "vehicle")
+
+
+@dataclass
+class Detections:
+    boxes: np.ndarray  # (N, 4) float32, x1 y1 x2 y2 pixels
+    scores: np.ndarray  # (N,) float32
+    classes: np.ndarray  # (N,) int16, index into CLASSES
+    details: list[str] = field(default_factory=list)  # source class, e.g. "car"; "" if none
+    models: list[str] = field(default_factory=list)  # catalog name of the model that found it
+    tiles: np.ndarray | None = None  # (N,) int16, tile index the box came from (-1 = whole image)
+
+    def __post_init__(self) -> None:
+        n = len(self.boxes)
+        self.boxes = np.asarray(self.boxes, dtype=np.float32).reshape(n, 4)
+        self.scores = np.asarray(self.scores, dtype=np.float32).reshape(n)
+        self.classes = np.asarray(self.classes, dtype=np.int16).reshape(n)
+        self.details = list(self.details) if self.details else [""] * n
+        self.models = list(self.models) if self.models else [""] * n
+        self.tiles = (
+            np.full(n, -1, dtype=np.int16) if self.tiles is None else np.asarray(self.tiles, np.int16)
+        )
+
+    @classmethod
+    def empty(cls) -> Detections:
+        return cls(np.zeros((0, 4)), np.zeros(0), np.zeros(0))
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+    @property
+    def class_names(self) -> list[str]:
+        return [CLASSES[c] for c in self.classes]
+
+    def select(self, keep: np.ndarray) -> Detections:
+        """Rows where `keep` (bool mask or index array) holds."""
+        idx = np.arange(len(self))[keep]
+        return Detections(
+            self.boxes[idx],
+            self.scores[idx],
+            self.classes[idx],
+            [self.details[i] for i in idx],
+            [self.models[i] for i in idx],
+            self.tiles[idx],
+        )
+
+    def scaled(self, sx: float, sy: float, dx: float = 0.0, dy: float = 0.0) -> Detections:
+        """Boxes mapped by x' = x * sx + dx, y' = y * sy + dy (resize, then shift)."""
+        boxes = self.boxes * np.array([sx, sy, sx, sy], np.float32) + np.array([dx, dy, dx, dy], np.float32)
+        return Detections(boxes, self.scores, self.classes, self.details, self.models, self.tiles)
+
+    def clipped(self, width: int, height: int) -> Detections:
+        boxes = self.boxes.copy()
+        boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, width)
+        boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, height)
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        return Detections(boxes, self.scores, self.classes, self.details, self.models, self.tiles).select(keep)
+
+    @staticmethod
+    def concat(parts: list[Detections]) -> Detections:
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return Detections.empty()
+        return Detections(
+            np.concatenate([p.boxes for p in parts]),
+            np.concatenate([p.scores for p in parts]),
+            np.concatenate([p.classes for p in parts]),
+            [d for p in parts for d in p.details],
+            [m for p in parts for m in p.models],
+            np.concatenate([p.tiles for p in parts]),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "boxes": np.round(self.boxes, 2).tolist(),
+                "scores": np.round(self.scores, 4).tolist(),
+                "classes": self.classes.tolist(),
+                "details": self.details,
+                "models": self.models,
+                "tiles": self.tiles.tolist(),
+            },
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, text: str | None) -> Detections:
+        if not text:
+            return cls.empty()
+        d = json.loads(text)
+        return cls(d["boxes"], d["scores"], d["classes"], d["details"], d["models"], d["tiles"])
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU matrix (len(a), len(b)) of x1y1x2y2 boxes."""
+    a = np.asarray(a, np.float32).reshape(-1, 4)
+    b = np.asarray(b, np.float32).reshape(-1, 4)
+    tl = np.maximum(a[:, None, :2], b[None, :, :2])
+    br = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod((br - tl).clip(0), axis=2)
+    area_a = np.prod((a[:, 2:] - a[:, :2]).clip(0), axis=1)
+    area_b = np.prod((b[:, 2:] - b[:, :2]).clip(0), axis=1)
+    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """Indices kept by greedy non-maximum suppression, highest score first."""
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    keep: list[int] = []
+    if len(order) == 0:
+        return np.zeros(0, dtype=np.int64)
+    ious = box_iou(boxes, boxes)
+    suppressed = np.zeros(len(order), dtype=bool)
+    for i in order:
+        if suppressed[i]:
+            continue
+        keep.append(int(i))
+        suppressed |= ious[i] >= iou_threshold
+    return np.asarray(keep, dtype=np.int64)
+
+
+def merge_per_class(dets: Detections, iou_threshold: float = 0.4) -> Detections:
+    """NMS within each class: merges duplicates from tiles, scales and models."""
+    kept = []
+    for c in np.unique(dets.classes):
+        idx = np.flatnonzero(dets.classes == c)
+        kept.extend(idx[nms(dets.boxes[idx], dets.scores[idx], iou_threshold)])
+    return dets.select(np.sort(np.asarray(kept, dtype=np.int64)))

@@ -1,0 +1,27 @@
+"""ONNX Runtime sessions: the CUDA provider where a GPU is usable, the CPU provider otherwise."""
+
+from __future__ import annotations
+
+import onnxruntime as ort
+
+
+def providers_for(device: str) -> list[str]:
+    """Execution providers for `device` ("cuda" or "cpu"); refuses CUDA where it is not installed."""
+    available = ort.get_available_providers()
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise RuntimeError(
+                f"device=cuda but onnxruntime offers {available}; install veil[gpu] (onnxruntime-gpu)"
+            )
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def make_session(model_bytes: bytes, device: str = "cpu", threads: int = 0) -> ort.InferenceSession:
+    """A session over in-memory weights. `threads` = intra-op threads (0: onnxruntime decides)."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3  # silence per-node warnings about unused initializers
+    return ort.InferenceSession(model_bytes, sess_options=opts, providers=providers_for(device))

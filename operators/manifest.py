@@ -1,0 +1,86 @@
+"""The Parquet manifest: the schemas of `images` and `detections` rows, and writing one part.
+
+Each writer batch writes its own part files (`part-<uuid>.parquet`), so the driver never
+collects rows and a killed job leaves only whole parts behind (each part is one atomic write).
+"""
+
+from __future__ import annotations
+
+import io
+import uuid
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from operators.storage import join, write_atomic
+
+IMAGES_SCHEMA = pa.schema([
+    ("job_id", pa.string()),
+    ("item_id", pa.string()),
+    ("source_url", pa.string()),
+    ("member", pa.string()),
+    ("rel_path", pa.string()),
+    ("output_url", pa.string()),
+    ("status", pa.string()),          # done | failed | skipped
+    ("failure_cause", pa.string()),   # Celantur's causes plus archive ones; null when done
+    ("error", pa.string()),
+    ("format", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("bytes_in", pa.int64()),
+    ("bytes_out", pa.int64()),
+    ("n_face", pa.int32()),
+    ("n_license_plate", pa.int32()),
+    ("n_person", pa.int32()),
+    ("n_vehicle", pa.int32()),
+    ("anonymized", pa.bool_()),
+    ("credits", pa.float64()),
+    ("t_read_ms", pa.float64()),
+    ("t_decode_ms", pa.float64()),
+    ("t_detect_ms", pa.float64()),
+    ("t_anonymize_ms", pa.float64()),
+    ("t_write_ms", pa.float64()),
+    ("processed_at", pa.timestamp("ms", tz="UTC")),
+])
+
+DETECTIONS_SCHEMA = pa.schema([
+    ("job_id", pa.string()),
+    ("item_id", pa.string()),
+    ("det_id", pa.int32()),
+    ("class", pa.string()),
+    ("detail", pa.string()),          # the model's own class, e.g. car / truck for vehicle
+    ("score", pa.float32()),
+    ("x1", pa.float32()),
+    ("y1", pa.float32()),
+    ("x2", pa.float32()),
+    ("y2", pa.float32()),
+    ("area_frac", pa.float32()),      # box area / image area
+    ("is_anonymised", pa.bool_()),
+    ("model", pa.string()),
+    ("tile", pa.int16()),
+])
+
+
+def write_part(job_root: str, table_name: str, rows: list[dict], schema: pa.Schema,
+               storage_options: dict | None = None) -> str | None:
+    """Write `rows` as one Parquet part under JOB_ROOT/manifest/TABLE/; returns its URL."""
+    if not rows:
+        return None
+    table = pa.Table.from_pylist(rows, schema=schema)
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    url = join(job_root, "manifest", table_name, f"part-{uuid.uuid4().hex}.parquet")
+    write_atomic(url, buf.getvalue(), storage_options)
+    return url
+
+
+def read_table(job_root: str, table_name: str, storage_options: dict | None = None) -> pa.Table:
+    """All parts of one manifest table (an empty table with the schema if there are none)."""
+    from operators.storage import filesystem
+
+    schema = IMAGES_SCHEMA if table_name == "images" else DETECTIONS_SCHEMA
+    fs, path = filesystem(join(job_root, "manifest", table_name), storage_options)
+    parts = sorted(fs.glob(path + "/part-*.parquet")) if fs.exists(path) else []
+    if not parts:
+        return schema.empty_table()
+    return pa.concat_tables([pq.read_table(p, filesystem=fs, schema=schema) for p in parts])

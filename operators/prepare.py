@@ -1,0 +1,154 @@
+"""Read + prepare (CPU tasks): fetch each item's bytes, check them, make the detection copy.
+
+The detection copy is the upright image scaled so its longer side is at most `det_max_side`
+(JPEGs use libjpeg's scaled decoding, which is much cheaper than decode-then-resize). Rows keep
+the original bytes for the writer; no full-resolution frame leaves this stage.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+import warnings
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from operators.items import format_from_name, sniff_format
+from operators.orientation import upright
+from operators.storage import read_bytes
+
+DEFAULT_DET_MAX_SIDE = 2048
+DEFAULT_MAX_PIXELS = 250_000_000  # a larger declared size is a decompression bomb: TOO_LARGE
+
+Image.MAX_IMAGE_PIXELS = None  # we apply our own limit, before decoding, with a clear cause
+
+
+class ItemFailure(Exception):
+    """A bad item: becomes a manifest row with `cause`, never an exception out of a stage."""
+
+    def __init__(self, cause: str, message: str):
+        super().__init__(message)
+        self.cause = cause
+
+
+def prepare_batch(
+    batch: dict[str, np.ndarray],
+    storage_options: dict | None = None,
+    det_max_side: int = DEFAULT_DET_MAX_SIDE,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> dict[str, np.ndarray]:
+    """Adds data, format, width, height, orientation, det (RGB bytes), det_w, det_h, status,
+    failure_cause, error and timings to a batch of listed items."""
+    n = len(batch["item_id"])
+    out: dict[str, list] = {k: [] for k in PREPARED_COLUMNS}
+    for i in range(n):
+        row = {k: batch[k][i] for k in batch}
+        for key, value in prepare_item(row, storage_options, det_max_side, max_pixels).items():
+            out[key].append(value)
+    result = {k: np.asarray(v) for k, v in batch.items()}
+    for key, values in out.items():
+        result[key] = _column(values)
+    return result
+
+
+PREPARED_COLUMNS = (
+    "data", "format", "width", "height", "orientation", "det", "det_w", "det_h",
+    "status", "failure_cause", "error", "t_read_ms", "t_decode_ms",
+)
+
+
+def prepare_item(row: dict, storage_options: dict | None, det_max_side: int, max_pixels: int) -> dict:
+    result = dict.fromkeys(PREPARED_COLUMNS)
+    result.update(data=b"", det=b"", format="", width=0, height=0, orientation=1, det_w=0, det_h=0,
+                  status="pending", failure_cause="", error="", t_read_ms=0.0, t_decode_ms=0.0)
+    if row["kind"] != "image":
+        result.update(status="skipped", error=f"not an image ({row['kind']})")
+        return result
+    t0 = time.perf_counter()
+    try:
+        data = fetch_item_bytes(row, storage_options)
+    except FileNotFoundError as exc:
+        result.update(status="failed", failure_cause="TASK_FILE_DOESNT_EXIST", error=str(exc))
+        return result
+    except Exception as exc:  # network, permissions: keep the job going, say what happened
+        result.update(status="failed", failure_cause="INTERNAL_ERROR", error=f"read failed: {exc!r}")
+        return result
+    t1 = time.perf_counter()
+    result.update(data=data, t_read_ms=(t1 - t0) * 1e3)
+    try:
+        fmt, width, height, orientation = check_image(data, row["rel_path"], max_pixels)
+        det = detection_copy(data, fmt, width, height, orientation, det_max_side)
+    except ItemFailure as exc:
+        result.update(status="failed", failure_cause=exc.cause, error=str(exc))
+        return result
+    result.update(format=fmt, width=width, height=height, orientation=orientation,
+                  det=det.tobytes(), det_h=det.shape[0], det_w=det.shape[1],
+                  t_decode_ms=(time.perf_counter() - t1) * 1e3)
+    return result
+
+
+def fetch_item_bytes(row: dict, storage_options: dict | None) -> bytes:
+    """The item's encoded bytes: the file itself (archive members come through operators.archives)."""
+    return read_bytes(row["source_url"], storage_options)
+
+
+def check_image(data: bytes, name: str, max_pixels: int) -> tuple[str, int, int, int]:
+    """(format, width, height, EXIF orientation) from the header alone; ItemFailure if unusable."""
+    fmt = sniff_format(data)
+    expected = format_from_name(name)
+    if fmt is None:
+        raise ItemFailure("CONTENT_TYPE_ERROR", f"{name}: content is not a supported image ({data[:8]!r}...)")
+    if expected and fmt != expected:
+        raise ItemFailure("CONTENT_TYPE_ERROR", f"{name}: content is {fmt.upper()} but the name says {expected.upper()}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            orientation = int(img.getexif().get(0x0112, 1)) if fmt in ("jpeg", "tiff", "webp", "png") else 1
+    except Exception as exc:
+        raise ItemFailure("IMAGE_DEFECT", f"{name}: unreadable header ({exc})") from None
+    if width * height > max_pixels:
+        raise ItemFailure("TOO_LARGE", f"{name}: {width}x{height} exceeds the {max_pixels} pixel limit")
+    return fmt, width, height, orientation if 1 <= orientation <= 8 else 1
+
+
+def detection_copy(data: bytes, fmt: str, width: int, height: int, orientation: int, max_side: int) -> np.ndarray:
+    """Upright RGB uint8 copy with longer side <= max_side."""
+    flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    if fmt == "jpeg":  # let libjpeg scale by 1/2, 1/4, 1/8 while decoding
+        factor = 1
+        while factor < 8 and max(width, height) / (factor * 2) >= max_side:
+            factor *= 2
+        flags = {1: flags, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+                 8: cv2.IMREAD_REDUCED_COLOR_8}[factor] | cv2.IMREAD_IGNORE_ORIENTATION
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    if img is None or img.size == 0:
+        raise ItemFailure("IMAGE_DEFECT", "the image data cannot be decoded")
+    if not _complete(data, fmt):
+        raise ItemFailure("IMAGE_DEFECT", f"truncated {fmt.upper()} (no end marker)")
+    scale = max_side / max(img.shape[:2])
+    if scale < 1:
+        img = cv2.resize(img, (round(img.shape[1] * scale), round(img.shape[0] * scale)),
+                         interpolation=cv2.INTER_AREA)
+    return upright(img[:, :, ::-1], orientation)
+
+
+def _complete(data: bytes, fmt: str) -> bool:
+    """Whether the file ends the way its format ends (decoders fill a cut-off image with grey)."""
+    tail = data.rstrip(b"\x00")[-64:]
+    if fmt == "jpeg":
+        return b"\xff\xd9" in tail
+    if fmt == "png":
+        return b"IEND" in tail
+    return True
+
+
+def _column(values: list) -> np.ndarray:
+    if values and isinstance(values[0], (bytes, str)):
+        arr = np.empty(len(values), dtype=object)
+        arr[:] = values
+        return arr
+    return np.asarray(values)

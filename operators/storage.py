@@ -1,0 +1,68 @@
+"""fsspec access shared by every stage: open a URL with the job's storage options, write atomically."""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import tempfile
+from functools import lru_cache
+
+import fsspec
+from fsspec import AbstractFileSystem
+
+LOCAL_PROTOCOLS = {"file", "local"}
+
+
+def is_local(url: str) -> bool:
+    return fsspec.utils.get_protocol(url) in LOCAL_PROTOCOLS
+
+
+def filesystem(url: str, storage_options: dict | None = None) -> tuple[AbstractFileSystem, str]:
+    """(filesystem, path inside it) for `url`. Storage options apply to remote protocols only, so
+    one set of options (say an S3 endpoint) serves a job that reads S3 and writes locally."""
+    protocol = fsspec.utils.get_protocol(url)
+    opts = {} if protocol in LOCAL_PROTOCOLS else dict(storage_options or {})
+    fs = _cached_fs(protocol, _freeze(opts))
+    return fs, fs._strip_protocol(url)
+
+
+@lru_cache(maxsize=16)
+def _cached_fs(protocol: str, frozen_opts: tuple) -> AbstractFileSystem:
+    return fsspec.filesystem(protocol, **_thaw(frozen_opts))
+
+
+def _freeze(opts: dict) -> tuple:
+    return tuple(sorted((k, _freeze(v) if isinstance(v, dict) else v) for k, v in opts.items()))
+
+
+def _thaw(frozen: tuple) -> dict:
+    return {k: _thaw(v) if isinstance(v, tuple) else v for k, v in frozen}
+
+
+def join(url: str, *parts: str) -> str:
+    """Join URL path parts with '/', whatever the protocol."""
+    return posixpath.join(url.rstrip("/"), *[p.strip("/") for p in parts if p])
+
+
+def read_bytes(url: str, storage_options: dict | None = None) -> bytes:
+    fs, path = filesystem(url, storage_options)
+    return fs.cat_file(path)
+
+
+def write_atomic(url: str, data: bytes, storage_options: dict | None = None) -> None:
+    """Write so that a reader never sees a half-written file: temp name + rename on local disks,
+    a single PUT on object stores (an object appears whole or not at all)."""
+    fs, path = filesystem(url, storage_options)
+    if fs.protocol in LOCAL_PROTOCOLS or "file" in fs.protocol:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".veil-", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+    else:
+        fs.pipe_file(path, data)
