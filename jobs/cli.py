@@ -45,7 +45,8 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
     _opt(p, "--storage-option", type=_storage_option, action="append", dest="storage_option",
          metavar="KEY=VALUE", help="fsspec option for remote URLs, e.g. endpoint_url=http://127.0.0.1:9000, anon=true")
     _opt(p, "--models", help="extra model catalog (YAML/JSON) to add to the built-in one")
-    _opt(p, "--device", choices=["auto", "cpu", "cuda"], help="where detection runs (default auto: cuda if the cluster has GPUs)")
+    _opt(p, "--device", choices=["auto", "cpu", "cuda"],
+         help="where detection runs (default auto: cuda if the cluster has GPUs)")
     _opt(p, "--det-max-side", type=int, help="longer side of the detection copy in px (default 2048)")
     _opt(p, "--max-pixels", type=int, help="images with more pixels fail as TOO_LARGE (default 250000000)")
     _opt(p, "--batch-size", type=int, help="images per detection batch (default 8)")

@@ -102,6 +102,7 @@ def summary_text(doc: dict) -> str:
         f"  items      {t['items']}: {t['done']} done, {t['failed']} failed, {t['skipped']} skipped",
         f"  failures   {causes}",
         f"  detections {dets} ({t['anonymized_images']} images anonymized)",
-        f"  speed      {doc.get('throughput_img_s', 0):.2f} img/s, {t['megapixels']:.1f} MP in {doc.get('wall_s', 0):.1f} s",
+        f"  speed      {doc.get('throughput_img_s', 0):.2f} img/s, "
+        f"{t['megapixels']:.1f} MP in {doc.get('wall_s', 0):.1f} s",
         f"  outputs    {doc['outputs']['root']}",
     ])

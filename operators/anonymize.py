@@ -51,7 +51,7 @@ def anonymize(
         return out
     kernels = {**DEFAULT_KERNELS, **(kernels or {})}
     height, width = image.shape[:2]
-    for box, cls in zip(dets.boxes, dets.classes):
+    for box, cls in zip(dets.boxes, dets.classes, strict=True):
         x1, y1, x2, y2 = (float(v) for v in box)
         k = kernel_pixels(kernels[CLASSES[cls]], x2 - x1, y2 - y1)
         pad = k if method == "blur" else 0  # blur reads pixels around the shape
