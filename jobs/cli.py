@@ -40,6 +40,21 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
     for cls, default in (("face", "0.35"), ("license-plate", "0.5"), ("person", "95"), ("vehicle", "61")):
         _opt(p, f"--kernel-size-{cls}", type=float,
              help=f"blur/pixel kernel: < 1 = fraction of the object's shorter side, >= 1 = pixels (default {default})")
+    for cls in ("face", "license-plate"):
+        _opt(p, f"--{cls}-anonymization-gradient-start", type=float,
+             help="feathered edge: full strength deeper than this fraction of the shape's radius (default 0.3)")
+        _opt(p, f"--{cls}-anonymization-gradient-stop", type=float,
+             help="feathered edge: no effect at this depth, 0 = the shape's edge (default 0.0)")
+    _opt(p, "--ignores", type=json.loads, metavar="JSON",
+         help='areas left untouched: [{"topLeftX": 0, "topLeftY": 0, "width": 100, "height": 50}] (pixels)')
+    _opt(p, "--debug", action="store_true", default=None, help="draw detection boxes on the output")
+    _opt(p, "--score", action="store_true", default=None, help="with --debug: draw the scores too")
+    _opt(p, "--save-mask", choices=["all", "binary", "instance"], help="write masks/binary and/or masks/instance PNGs")
+    _opt(p, "--mask-scale", type=int, help="mask size in percent of the image, 0..100 (default 100)")
+    _opt(p, "--save-metadata", action="store_true", default=None,
+         help="write metadata/<path>.json per image (always on with --method detect)")
+    _opt(p, "--strip-metadata", choices=["none", "gps", "all"],
+         help="remove GPS tags or all EXIF/XMP/IPTC from the outputs (default none; the ICC profile stays)")
     _opt(p, "--quality", type=int, help="JPEG/WebP quality 0..100 (default 90)")
     _opt(p, "--compress-level", type=int, help="PNG compression 0..9 (default 5)")
     _opt(p, "--storage-option", type=_storage_option, action="append", dest="storage_option",
@@ -51,6 +66,24 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
     _opt(p, "--max-pixels", type=int, help="images with more pixels fail as TOO_LARGE (default 250000000)")
     _opt(p, "--batch-size", type=int, help="images per detection batch (default 8)")
     _opt(p, "--detect-actors", type=int, help="number of detection actors (default: from the cluster's resources)")
+    _add_archive_options(p)
+
+
+def _add_archive_options(p: argparse.ArgumentParser) -> None:
+    """Archive flags (issue 4): nesting, password, and the limits that stop zip bombs."""
+    _opt(p, "--archive-depth", type=int,
+         help="levels of archives expanded: 1 = archives in the input (default), 2 = also archives "
+              "inside them, 0 = archives are skipped")
+    _opt(p, "--archive-password", help="password for encrypted archive members (without it they fail ENCRYPTED)")
+    _opt(p, "--archive-password-file", help="file whose first line is the archive password (kept out of shell history)")
+    _opt(p, "--max-member-bytes", type=int,
+         help="largest uncompressed archive member in bytes; larger ones fail TOO_LARGE (default 2147483648)")
+    _opt(p, "--max-archive-bytes", type=int,
+         help="most uncompressed bytes taken from one archive; members past it fail TOO_LARGE "
+              "(default 1099511627776 = 1 TiB)")
+    _opt(p, "--max-compression-ratio", type=float,
+         help="largest uncompressed/compressed size ratio of a member of 1 MiB or more; "
+              "higher ones fail TOO_LARGE as likely bombs (default 100)")
 
 
 def spec_fields(args: argparse.Namespace, inputs: list[str], output: str) -> dict:
@@ -82,6 +115,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from jobs.bench import format_bench, run_bench
+
+    fields = {c: True for c in (args.classes or "").replace("-", "_").split(",") if c}
+    result = run_bench(args.images_dir, fields, args.json, peer=not args.no_peer)
+    print(format_bench(result))
+    if args.json:
+        print(f"written: {args.json}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from jobs.demo import run_demo
 
@@ -110,6 +154,34 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v]
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """`veil eval SET_DIR`: the pipeline in detect mode over a labelled set, scored."""
+    from jobs.evaluate import evaluate, format_report, override_catalog
+
+    classes = [c.replace("-", "_") for c in args.classes.split(",")] if args.classes else None
+    thresholds = {c: getattr(args, f"{c}_threshold") for c in ("face", "license_plate", "person", "vehicle")
+                  if getattr(args, f"{c}_threshold") is not None}
+    set_classes = classes or ["face", "license_plate", "person", "vehicle"]
+    catalog = override_catalog(
+        set_classes,
+        models=args.detect_models.split(",") if args.detect_models else None,
+        scales=_floats(args.scales) if args.scales else None,
+        combine=args.combine, tiling=args.tiling, vehicle_crops=args.vehicle_crops, extra=args.models,
+        ensemble=args.ensemble,
+    )
+    spec_extra = {k: getattr(args, k) for k in ("det_max_side", "batch_size", "detect_actors", "device")
+                  if getattr(args, k) is not None}
+    result = evaluate(args.set_dir, classes, thresholds, catalog, args.json, log=lambda *_: None, **spec_extra)
+    print(format_report(result))
+    if args.json:
+        print(f"written: {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="veil", description="Anonymize street-level imagery at scale.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -120,6 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_job_options(run)
     run.set_defaults(func=cmd_run)
 
+    bench = sub.add_parser("bench", help="throughput: pipeline vs bare loop vs codec floor vs deface, one run")
+    bench.add_argument("images_dir", help="a folder of images")
+    _opt(bench, "--classes", help="comma-separated classes, e.g. face or face,license-plate,person,vehicle "
+                                  "(default: the job default)")
+    bench.add_argument("--json", help="write the results to this file")
+    _opt(bench, "--no-peer", action="store_true", help="skip deface even when it is installed")
+    bench.set_defaults(func=cmd_bench)
+
     demo = sub.add_parser("demo", help="run a job on sample photos shipped by installed packages")
     demo.add_argument("--output", default=None, help="output folder (default ~/.cache/veil/demo/output)")
     demo.set_defaults(func=cmd_demo)
@@ -129,6 +209,26 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("names", nargs="*", help="model names (default: all)")
     models.add_argument("--models", help="extra catalog file")
     models.set_defaults(func=cmd_models)
+
+    ev = sub.add_parser("eval", help="detection recall/precision of the pipeline on a labelled set")
+    ev.add_argument("set_dir", help="a set in the shared eval format (annotations.json + images/)")
+    _opt(ev, "--classes", help="comma-separated classes to score (default: the set's labels)")
+    for cls in ("face", "license-plate", "person", "vehicle"):
+        _opt(ev, f"--{cls}-threshold", type=float, help=f"minimum score for {cls.replace('-', ' ')}s")
+    _opt(ev, "--detect-models", help="comma-separated catalog names to use instead of the defaults")
+    _opt(ev, "--scales", help="resize factors of whole-image passes for face models, e.g. 1,2")
+    _opt(ev, "--combine", choices=["mean", "max"], help="merge scale passes by mean score or NMS union")
+    _opt(ev, "--ensemble", choices=["mean", "max"], help="merge several models of a class by mean score or union")
+    _opt(ev, "--tiling", help="auto | off | NxM (tile grid)")
+    _opt(ev, "--vehicle-crops", action=argparse.BooleanOptionalAction, default=None,
+         help="two-stage plates: search upscaled crops around detected vehicles")
+    _opt(ev, "--models", help="extra model catalog file")
+    _opt(ev, "--det-max-side", type=int, help="longer side of the detection copy in px (default 2048)")
+    _opt(ev, "--batch-size", type=int, help="images per detection batch")
+    _opt(ev, "--detect-actors", type=int, help="number of detection actors")
+    _opt(ev, "--device", choices=["auto", "cpu", "cuda"], help="where detection runs")
+    _opt(ev, "--json", help="write the figures to this JSON file")
+    ev.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -19,12 +19,35 @@ import ray
 
 from jobs.spec import JobSpec
 from models.catalog import ModelEntry
+from operators.archives import ArchiveOptions, expand_rows
 from operators.detect import Detector
 from operators.prepare import prepare_batch
 from operators.write import WriteOptions, write_batch
 
 PREPARE_BATCH = 4  # items per read+prepare task batch: small, since each holds a detection copy
 WRITE_BATCH = 8
+EXPAND_ROWS_PER_BLOCK = 16
+
+
+def archive_options(spec: JobSpec) -> ArchiveOptions:
+    return ArchiveOptions(
+        depth=spec.archive_depth,
+        password=archive_password(spec),
+        max_member_bytes=spec.max_member_bytes,
+        max_archive_bytes=spec.max_archive_bytes,
+        max_compression_ratio=spec.max_compression_ratio,
+        storage_options=dict(spec.storage_options),
+    )
+
+
+def archive_password(spec: JobSpec) -> str:
+    """--archive-password, else the first line of --archive-password-file (read on the driver)."""
+    if spec.archive_password:
+        return spec.archive_password
+    if spec.archive_password_file:
+        with open(spec.archive_password_file, encoding="utf-8") as f:
+            return f.readline().rstrip("\r\n")
+    return ""
 
 
 @contextmanager
@@ -93,6 +116,11 @@ def build_dataset(
     actor_memory = 256 * 2**20 + 4 * sum(len(w) for w in weights.values())
     blocks = max(1, min(len(sources), res.cpus * 8, 2000))
     ds = ray.data.from_items(sources, override_num_blocks=blocks)
+    # --- archive expand stage (issue 4): archives become one row per member, listed on workers ---
+    ds = ds.flat_map(expand_rows, fn_kwargs={"options": archive_options(spec)})
+    # One archive expands into many rows inside one task; re-cut into small blocks (streaming,
+    # no barrier) so that its members spread over all prepare tasks instead of one.
+    ds = ds.repartition(target_num_rows_per_block=EXPAND_ROWS_PER_BLOCK)
     ds = ds.map_batches(
         prepare_batch,
         batch_size=PREPARE_BATCH,
@@ -124,11 +152,15 @@ def build_dataset(
     options = WriteOptions(
         job_id=spec.job_id,
         job_root=job_root,
-        method=spec.method,
-        bbox=spec.bbox,
-        kernels=spec.kernels(),
+        anonymize=spec.anonymize_options(),
         quality=spec.quality,
         compress_level=spec.compress_level,
+        debug=spec.debug,
+        score=spec.score,
+        save_mask=spec.save_mask,
+        mask_scale=spec.mask_scale,
+        save_metadata=spec.save_metadata,
+        strip_metadata=spec.strip_metadata,
         storage_options=spec.storage_options,
     )
     return ds.map_batches(write_batch, batch_size=WRITE_BATCH, batch_format="numpy", fn_kwargs={"options": options})

@@ -12,11 +12,11 @@ import secrets
 from datetime import datetime, timezone
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from models.catalog import ModelEntry, classes_with_models, default_models, load_catalog
 from models.detections import CLASSES
-from operators.anonymize import METHODS
+from operators.anonymize import METHODS, AnonymizeOptions
 
 DEFAULT_CLASSES = ("face", "license_plate")  # the street-view default when no class flag is given
 
@@ -27,6 +27,16 @@ class SpecError(ValueError):
 
 def new_job_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+
+
+class IgnoreArea(BaseModel):
+    """A rectangle (stored pixels) where no pixel is changed."""
+
+    model_config = ConfigDict(extra="forbid")
+    topLeftX: int = Field(ge=0)  # noqa: N815 -- the seed APIs' names
+    topLeftY: int = Field(ge=0)  # noqa: N815
+    width: int = Field(gt=0)
+    height: int = Field(gt=0)
 
 
 class JobSpec(BaseModel):
@@ -54,6 +64,17 @@ class JobSpec(BaseModel):
     kernel_size_license_plate: float = Field(0.5, gt=0.0, le=1000.0)
     kernel_size_person: float = Field(95.0, gt=0.0, le=1000.0)
     kernel_size_vehicle: float = Field(61.0, gt=0.0, le=1000.0)
+    face_anonymization_gradient_start: float = Field(0.3, ge=0.0, le=1.0)
+    face_anonymization_gradient_stop: float = Field(0.0, ge=0.0, le=1.0)
+    license_plate_anonymization_gradient_start: float = Field(0.3, ge=0.0, le=1.0)
+    license_plate_anonymization_gradient_stop: float = Field(0.0, ge=0.0, le=1.0)
+    ignores: list[IgnoreArea] = Field(default_factory=list, description="areas left untouched")
+    debug: bool = Field(False, description="draw boxes on the output")
+    score: bool = Field(False, description="with debug: draw the scores")
+    save_mask: Literal["all", "binary", "instance"] | None = None
+    mask_scale: int = Field(100, ge=0, le=100, description="mask size, percent of the image")
+    save_metadata: bool = Field(False, description="write metadata/<path>.json (always with method detect)")
+    strip_metadata: Literal["none", "gps", "all"] = "none"
     quality: int = Field(90, ge=0, le=100, description="JPEG/WebP quality")
     compress_level: int = Field(5, ge=0, le=9, description="PNG compression level")
 
@@ -65,12 +86,39 @@ class JobSpec(BaseModel):
     batch_size: int = Field(8, ge=1, le=1024, description="images per detection batch")
     detect_actors: int | None = Field(None, ge=1, le=4096, description="detection actors (default: from resources)")
 
+    # --- archives (issue 4) ---
+    archive_depth: int = Field(1, ge=0, le=8, description="archive nesting levels expanded; 0 = archives skipped")
+    archive_password: str | None = Field(  # kept out of job.json and reprs
+        None, exclude=True, repr=False, description="password for encrypted archive members"
+    )
+    archive_password_file: str | None = Field(None, description="file whose first line is the archive password")
+    max_member_bytes: int = Field(2 * 2**30, ge=1, description="largest uncompressed archive member, bytes")
+    max_archive_bytes: int = Field(2**40, ge=1, description="most uncompressed bytes taken from one archive")
+    max_compression_ratio: float = Field(100.0, gt=1.0, description="largest uncompressed/compressed ratio")
+
     @field_validator("job_id")
     @classmethod
     def _no_dots_only(cls, v: str) -> str:
         if re.fullmatch(r"\.+", v):
             raise ValueError("a job id cannot be dots only")
         return v
+
+    @model_validator(mode="after")
+    def _score_needs_debug(self) -> JobSpec:
+        if self.score and not self.debug:
+            raise ValueError("score draws scores on the debug boxes: give debug too")
+        return self
+
+    def anonymize_options(self) -> AnonymizeOptions:
+        feathered = ("face", "license_plate")
+        return AnonymizeOptions(
+            method=self.method,
+            bbox=self.bbox,
+            kernels=self.kernels(),
+            gradient_start={c: getattr(self, f"{c}_anonymization_gradient_start") for c in feathered},
+            gradient_stop={c: getattr(self, f"{c}_anonymization_gradient_stop") for c in feathered},
+            ignores=[(a.topLeftX, a.topLeftY, a.width, a.height) for a in self.ignores],
+        )
 
     def thresholds(self) -> dict[str, float]:
         return {c: getattr(self, f"{c}_threshold") for c in CLASSES}

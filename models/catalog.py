@@ -35,6 +35,21 @@ class WeightsSource(BaseModel):
         return self
 
 
+class Passes(BaseModel):
+    """How a model looks at an image (models/passes.py): the settings that trade time for recall."""
+
+    model_config = ConfigDict(extra="forbid")
+    scales: list[float] = Field([1.0], min_length=1, description="resize factors of whole-image passes")
+    combine: str = Field("mean", pattern="^(mean|max)$", description="how scale passes merge")
+    ensemble: str = Field("max", pattern="^(mean|max)$",
+                          description="how this model merges with other models of its classes (mean if any says so)")
+    tiling: str = Field("auto", pattern=r"^(auto|off|\d+x\d+)$",
+                        description="auto: tile at native resolution when a fixed-size model would shrink the image")
+    overlap: float = Field(0.2, ge=0.0, le=0.5, description="tile overlap, fraction of a tile")
+    vehicle_crops: bool = Field(False, description="also search upscaled crops around detected vehicles")
+    crop_max_factor: float = Field(3.0, ge=1.0, le=8.0, description="largest upscale of a vehicle crop")
+
+
 class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
@@ -45,6 +60,9 @@ class ModelEntry(BaseModel):
     license: str = "unknown"
     input_size: int | None = None
     default_for: list[str] = []
+    # Adapter-specific settings (e.g. RetinaFace priors, input mean); each adapter documents its keys.
+    options: dict = {}
+    passes: Passes = Passes()
 
     @model_validator(mode="after")
     def _known_classes(self) -> ModelEntry:
@@ -74,13 +92,24 @@ def _read(path: Path) -> dict[str, ModelEntry]:
 
 
 def default_models(catalog: dict[str, ModelEntry], classes: list[str]) -> dict[str, ModelEntry]:
-    """For each requested class, the catalog entry that is its default (first one listed)."""
+    """Every catalog entry that is a default for a requested class (several entries may serve one
+    class: their detections are merged, an ensemble)."""
     chosen: dict[str, ModelEntry] = {}
     for cls in classes:
         for entry in catalog.values():
             if cls in entry.default_for:
                 chosen[entry.name] = entry
-                break
+    # Two-stage plates need vehicles even when only plates are asked for; the Detector keeps only
+    # the requested classes in its output.
+    return vehicle_helper(catalog, chosen)
+
+
+# The model whose vehicles the two-stage plate search crops around, when plates are asked for.
+def vehicle_helper(catalog: dict[str, ModelEntry], chosen: dict[str, ModelEntry]) -> dict[str, ModelEntry]:
+    if any(e.passes.vehicle_crops for e in chosen.values()) and not any(
+        "vehicle" in e.veil_classes for e in chosen.values()
+    ):
+        return {**chosen, **default_models(catalog, ["vehicle"])}
     return chosen
 
 

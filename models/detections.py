@@ -24,6 +24,9 @@ class Detections:
     details: list[str] = field(default_factory=list)  # source class, e.g. "car"; "" if none
     models: list[str] = field(default_factory=list)  # catalog name of the model that found it
     tiles: np.ndarray | None = None  # (N,) int16, tile index the box came from (-1 = whole image)
+    # Optional outline per box: flat [x0, y0, x1, y1, ...] pixels ([] = none), e.g. a plate mask's
+    # contour or its 4 corners. Optional so older JSON (without the key) still reads.
+    polygons: list[list[float]] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.boxes)
@@ -35,6 +38,7 @@ class Detections:
         self.tiles = (
             np.full(n, -1, dtype=np.int16) if self.tiles is None else np.asarray(self.tiles, np.int16)
         )
+        self.polygons = [list(p) for p in self.polygons] if self.polygons else [[] for _ in range(n)]
 
     @classmethod
     def empty(cls) -> Detections:
@@ -57,19 +61,28 @@ class Detections:
             [self.details[i] for i in idx],
             [self.models[i] for i in idx],
             self.tiles[idx],
+            [self.polygons[i] for i in idx],
         )
 
     def scaled(self, sx: float, sy: float, dx: float = 0.0, dy: float = 0.0) -> Detections:
         """Boxes mapped by x' = x * sx + dx, y' = y * sy + dy (resize, then shift)."""
         boxes = self.boxes * np.array([sx, sy, sx, sy], np.float32) + np.array([dx, dy, dx, dy], np.float32)
-        return Detections(boxes, self.scores, self.classes, self.details, self.models, self.tiles)
+        polygons = [
+            [v * sx + dx if k % 2 == 0 else v * sy + dy for k, v in enumerate(p)] for p in self.polygons
+        ]
+        return Detections(boxes, self.scores, self.classes, self.details, self.models, self.tiles, polygons)
 
     def clipped(self, width: int, height: int) -> Detections:
         boxes = self.boxes.copy()
         boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, width)
         boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, height)
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        return Detections(boxes, self.scores, self.classes, self.details, self.models, self.tiles).select(keep)
+        polygons = [
+            [min(max(v, 0.0), width if k % 2 == 0 else height) for k, v in enumerate(p)] for p in self.polygons
+        ]
+        return Detections(
+            boxes, self.scores, self.classes, self.details, self.models, self.tiles, polygons
+        ).select(keep)
 
     @staticmethod
     def concat(parts: list[Detections]) -> Detections:
@@ -83,27 +96,28 @@ class Detections:
             [d for p in parts for d in p.details],
             [m for p in parts for m in p.models],
             np.concatenate([p.tiles for p in parts]),
+            [q for p in parts for q in p.polygons],
         )
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "boxes": np.round(self.boxes, 2).tolist(),
-                "scores": np.round(self.scores, 4).tolist(),
-                "classes": self.classes.tolist(),
-                "details": self.details,
-                "models": self.models,
-                "tiles": self.tiles.tolist(),
-            },
-            separators=(",", ":"),
-        )
+        doc = {
+            "boxes": np.round(self.boxes, 2).tolist(),
+            "scores": np.round(self.scores, 4).tolist(),
+            "classes": self.classes.tolist(),
+            "details": self.details,
+            "models": self.models,
+            "tiles": self.tiles.tolist(),
+        }
+        if any(self.polygons):  # only written when some model gave outlines: rows stay small
+            doc["polygons"] = [[round(float(v), 1) for v in p] for p in self.polygons]
+        return json.dumps(doc, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str | None) -> Detections:
         if not text:
             return cls.empty()
         d = json.loads(text)
-        return cls(d["boxes"], d["scores"], d["classes"], d["details"], d["models"], d["tiles"])
+        return cls(d["boxes"], d["scores"], d["classes"], d["details"], d["models"], d["tiles"], d.get("polygons"))
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -60,3 +60,84 @@ def with_jpeg_metadata(encoded: bytes, original: bytes) -> bytes:
     own = jpeg_header_segments(encoded)
     body_start = 2 + sum(len(s) for s in own)  # cv2 writes SOI then its APP0 first
     return b"\xff\xd8" + b"".join(kept) + encoded[body_start:]
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_METADATA_CHUNKS = {b"iCCP", b"sRGB", b"gAMA", b"cHRM", b"pHYs", b"eXIf", b"tEXt", b"zTXt", b"iTXt", b"tIME"}
+GPS_IFD = 0x8825
+
+
+def png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    """(type, whole chunk bytes) for each chunk of a PNG."""
+    chunks, pos = [], len(PNG_SIGNATURE)
+    while pos + 8 <= len(data):
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        kind = data[pos + 4:pos + 8]
+        chunks.append((kind, data[pos:pos + 12 + length]))
+        pos += 12 + length
+        if kind == b"IEND":
+            break
+    return chunks
+
+
+def with_png_metadata(encoded: bytes, original: bytes) -> bytes:
+    """`encoded` with the original's metadata chunks (ICC, EXIF, XMP text, ...) put back before IDAT."""
+    kept = [c for kind, c in png_chunks(original) if kind in PNG_METADATA_CHUNKS]
+    if not kept:
+        return encoded
+    own = png_chunks(encoded)
+    head = [c for kind, c in own if kind == b"IHDR"]
+    rest = [c for kind, c in own if kind != b"IHDR" and kind not in PNG_METADATA_CHUNKS]
+    return PNG_SIGNATURE + b"".join(head + kept + rest)
+
+
+def with_original_metadata(encoded: bytes, original: bytes, fmt: str, strip: str = "none") -> bytes:
+    """The re-encoded image carrying the original's metadata, less what `strip` removes."""
+    if fmt == "jpeg":
+        return strip_jpeg_metadata(with_jpeg_metadata(encoded, original), strip)
+    if fmt == "png" and strip != "all":
+        return with_png_metadata(encoded, original)
+    return encoded
+
+
+def strip_jpeg_metadata(data: bytes, strip: str) -> bytes:
+    """Remove GPS tags (`gps`) or EXIF/XMP/IPTC/comments (`all`; the ICC profile stays: it is
+    colour, not personal data) from a JPEG without touching its pixels."""
+    if strip == "none":
+        return data
+    segments = jpeg_header_segments(data)
+    body = data[2 + sum(len(s) for s in segments):] if _segments_contiguous(data, segments) else None
+    if body is None:
+        return data
+    kept = []
+    for seg in segments:
+        marker, payload = seg[1], seg[4:]
+        if strip == "all" and (marker in (0xE1, 0xED, 0xFE)):
+            continue
+        if strip == "gps" and marker == 0xE1 and payload.startswith(b"Exif\x00\x00"):
+            seg = _exif_without_gps(seg)
+        kept.append(seg)
+    return b"\xff\xd8" + b"".join(kept) + body
+
+
+def _segments_contiguous(data: bytes, segments: list[bytes]) -> bool:
+    pos = 2
+    for seg in segments:
+        if data[pos:pos + len(seg)] != seg:
+            return False
+        pos += len(seg)
+    return True
+
+
+def _exif_without_gps(segment: bytes) -> bytes:
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif.load(segment[4:])
+    if GPS_IFD not in exif:
+        return segment
+    del exif[GPS_IFD]
+    payload = exif.tobytes()
+    if not payload.startswith(b"Exif\x00\x00"):
+        payload = b"Exif\x00\x00" + payload
+    return b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload

@@ -1,7 +1,8 @@
 """Detect (an actor pool): run the job's models over the detection copies, in batches.
 
 `Detector` loads each model once (from weights bytes handed to it, so workers need no disk or
-network), runs every model over the batch, keeps each class above its threshold, merges
+network), runs every model over the batch with the passes its catalog entry asks for (scales,
+tiles, vehicle crops: models/passes.py), keeps each class above its threshold, merges
 duplicates with NMS and maps boxes back to stored full-resolution pixels. Rows that failed
 earlier pass through untouched.
 """
@@ -15,6 +16,7 @@ import numpy as np
 from models.adapters import adapter_class
 from models.catalog import ModelEntry
 from models.detections import CLASSES, Detections, merge_per_class
+from models.passes import View, combine_passes, grid_for, run_views, tiled_views, vehicle_crop_views
 from operators.orientation import boxes_to_stored
 
 
@@ -32,6 +34,8 @@ class Detector:
         for entry_fields, weights in models:
             entry = ModelEntry(**entry_fields)
             self.adapters.append(adapter_class(entry.adapter)(entry, weights, device, threads))
+        # Vehicle models run first: the two-stage plate search crops around their vehicles.
+        self.adapters_in_order = sorted(self.adapters, key=lambda a: "vehicle" not in a.entry.veil_classes)
         self.class_ids = np.array([CLASSES.index(c) for c in classes], dtype=np.int16)
         self.thresholds = thresholds
         self.min_scores = np.array([thresholds.get(c, 0.5) for c in CLASSES], dtype=np.float32)
@@ -46,7 +50,7 @@ class Detector:
         n = len(batch["item_id"])
         detections = np.full(n, "", dtype=object)
         t_detect = np.zeros(n, dtype=np.float64)
-        for i, dets in zip(todo, found):
+        for i, dets in zip(todo, found, strict=True):
             det_h, det_w = int(batch["det_h"][i]), int(batch["det_w"][i])
             width, height = int(batch["width"][i]), int(batch["height"][i])
             orientation = int(batch["orientation"][i])
@@ -61,13 +65,87 @@ class Detector:
         """Detections per upright RGB image, in that image's pixels, thresholded and merged."""
         if not images:
             return []
-        per_model = [adapter.detect(images, self.thresholds) for adapter in self.adapters]
+        order = self.adapters_in_order
+        per_image: list[list[Detections]] = [[] for _ in images]
+        vehicles: list[Detections] | None = None
+        for adapter in order:
+            found = self._run_model(adapter, images, vehicles)
+            for i, dets in enumerate(found):
+                per_image[i].append(dets)
+            if "vehicle" in adapter.entry.veil_classes and vehicles is None:
+                vid = CLASSES.index("vehicle")
+                vehicles = [d.select((d.classes == vid) & (d.scores >= self.min_scores[vid])) for d in found]
         results = []
-        for i in range(len(images)):
-            dets = Detections.concat([found[i] for found in per_model])
+        for parts in per_image:
+            dets = self._fuse(parts)
             keep = np.isin(dets.classes, self.class_ids) & (dets.scores >= self.min_scores[dets.classes])
             results.append(merge_per_class(dets.select(keep)))
         return results
+
+    def _ensemble_size(self, cls: str) -> int:
+        """How many models' scores are averaged for `cls` (1 = a plain union)."""
+        serving = [a for a in self.adapters if cls in a.entry.veil_classes]
+        return len(serving) if any(a.entry.passes.ensemble == "mean" for a in serving) else 1
+
+    def _fuse(self, parts: list[Detections]) -> Detections:
+        """Models' detections of one image: per class, averaged where an ensemble says `mean`
+        (one model's confident mistake is diluted by the others), else an NMS union."""
+        out = []
+        for c, name in enumerate(CLASSES):
+            of_class = [p.select(p.classes == c) for p in parts]
+            of_class = [p for p, a in zip(of_class, self.adapters_in_order, strict=True)
+                        if name in a.entry.veil_classes]
+            if not of_class:
+                continue
+            mode = "mean" if self._ensemble_size(name) > 1 else "max"
+            out.append(combine_passes(of_class, mode))
+        return Detections.concat(out)
+
+    def _run_model(self, adapter, images: list[np.ndarray], vehicles: list[Detections] | None) -> list[Detections]:
+        """One model over the batch with its passes (models/passes.py): whole-image scales
+        combined as the catalog says, then tiles and vehicle crops added as a union."""
+        cfg = adapter.entry.passes
+        scales = list(cfg.scales)
+        # With averaging, a pass that saw an object at score s adds s / n: decode that low.
+        n_avg = len(scales) if cfg.combine == "mean" else 1
+        thresholds = {c: t / n_avg / self._ensemble_size(c) for c, t in self.thresholds.items()}
+        fixed = adapter.fixed_size
+        side = fixed[1] if fixed else (adapter.entry.input_size or 640)
+        views: list[View] = []
+        for i, img in enumerate(images):
+            h, w = img.shape[:2]
+            views += [View(i, (0, 0, w, h), s, k) for k, s in enumerate(scales)]
+            grid = _grid(cfg.tiling, w, h, side if fixed else None, cfg.overlap)
+            if grid:
+                views += tiled_views(i, w, h, grid[0], grid[1], cfg.overlap, len(scales))
+            if cfg.vehicle_crops and vehicles is not None:
+                views += vehicle_crop_views(vehicles[i], w, h, side, cfg.crop_max_factor, len(scales) + 1, i)
+        by_image: list[dict[int, list[Detections]]] = [{} for _ in images]
+        for view, dets in run_views(adapter, images, views, thresholds):
+            by_image[view.image].setdefault(view.pass_id, []).append(dets)
+        out = []
+        for passes in by_image:
+            scaled = [Detections.concat(passes.get(k, [])) for k in range(len(scales))]
+            merged = combine_passes(scaled, cfg.combine)
+            extra = [Detections.concat(v) for k, v in passes.items() if k >= len(scales)]
+            if extra:
+                merged = combine_passes([merged, *extra], "max")
+            out.append(merged)
+        return out
+
+
+def _grid(tiling: str, width: int, height: int, model_side: int | None,
+          overlap: float) -> tuple[int, int] | None:
+    """The tile grid for an image, or None: `NxM` always; `auto` only for fixed-size models on
+    images well over their input (a 640 model shrinks a 1280 px frame 2x, halving small objects)."""
+    if tiling == "off":
+        return None
+    if tiling != "auto":
+        nx, ny = (int(v) for v in tiling.split("x"))
+        return (nx, ny) if nx * ny > 1 else None
+    if model_side is None or max(width, height) <= 1.25 * model_side:
+        return None
+    return grid_for(width, height, model_side, overlap)
 
 
 def to_stored_pixels(dets: Detections, det_w: int, det_h: int, width: int, height: int,
@@ -78,7 +156,16 @@ def to_stored_pixels(dets: Detections, det_w: int, det_h: int, width: int, heigh
     rotated = orientation in (5, 6, 7, 8)
     stored_w, stored_h = (det_h, det_w) if rotated else (det_w, det_h)  # the copy before turning upright
     boxes = boxes_to_stored(dets.boxes, orientation, stored_w, stored_h)
-    moved = Detections(boxes, dets.scores, dets.classes, dets.details, dets.models, dets.tiles)
+    # Outline points travel as degenerate boxes through the same orientation mapping.
+    polygons = [
+        boxes_to_stored(np.asarray(p, np.float32).reshape(-1, 2)[:, [0, 1, 0, 1]], orientation, stored_w, stored_h)[
+            :, :2
+        ].reshape(-1).tolist()
+        if p
+        else []
+        for p in dets.polygons
+    ]
+    moved = Detections(boxes, dets.scores, dets.classes, dets.details, dets.models, dets.tiles, polygons)
     return moved.scaled(width / stored_w, height / stored_h).clipped(width, height)
 
 

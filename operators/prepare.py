@@ -63,12 +63,19 @@ def prepare_item(row: dict, storage_options: dict | None, det_max_side: int, max
     result = dict.fromkeys(PREPARED_COLUMNS)
     result.update(data=b"", det=b"", format="", width=0, height=0, orientation=1, det_w=0, det_h=0,
                   status="pending", failure_cause="", error="", t_read_ms=0.0, t_decode_ms=0.0)
+    if str(row.get("status") or "") in ("failed", "skipped"):  # decided upstream (archive expand)
+        result.update(status=str(row["status"]), failure_cause=str(row.get("failure_cause") or ""),
+                      error=str(row.get("error") or ""))
+        return result
     if row["kind"] != "image":
         result.update(status="skipped", error=f"not an image ({row['kind']})")
         return result
     t0 = time.perf_counter()
     try:
         data = fetch_item_bytes(row, storage_options)
+    except ItemFailure as exc:
+        result.update(status="failed", failure_cause=exc.cause, error=str(exc))
+        return result
     except FileNotFoundError as exc:
         result.update(status="failed", failure_cause="TASK_FILE_DOESNT_EXIST", error=str(exc))
         return result
@@ -90,7 +97,22 @@ def prepare_item(row: dict, storage_options: dict | None, det_max_side: int, max
 
 
 def fetch_item_bytes(row: dict, storage_options: dict | None) -> bytes:
-    """The item's encoded bytes: the file itself (archive members come through operators.archives)."""
+    """The item's encoded bytes: the file itself, or an archive member through operators.archives
+    (carried in the row's `data` when expand already read it, else one ranged read)."""
+    if row.get("member"):
+        from operators.archive_formats import Encrypted, TooLarge
+        from operators.archives import read_member
+
+        try:
+            return read_member(row, storage_options)
+        except TooLarge as exc:
+            raise ItemFailure("TOO_LARGE", f"{row['rel_path']}: {exc}") from None
+        except Encrypted as exc:
+            raise ItemFailure("ENCRYPTED", f"{row['rel_path']}: {exc}") from None
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # a corrupt member or archive fails alone, the rest goes on
+            raise ItemFailure("ARCHIVE_ERROR", f"{row['rel_path']}: {type(exc).__name__}: {exc}") from None
     return read_bytes(row["source_url"], storage_options)
 
 
@@ -101,7 +123,9 @@ def check_image(data: bytes, name: str, max_pixels: int) -> tuple[str, int, int,
     if fmt is None:
         raise ItemFailure("CONTENT_TYPE_ERROR", f"{name}: content is not a supported image ({data[:8]!r}...)")
     if expected and fmt != expected:
-        raise ItemFailure("CONTENT_TYPE_ERROR", f"{name}: content is {fmt.upper()} but the name says {expected.upper()}")
+        raise ItemFailure(
+            "CONTENT_TYPE_ERROR", f"{name}: content is {fmt.upper()} but the name says {expected.upper()}"
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -41,6 +41,10 @@ def list_sources(inputs: list[str], storage_options: dict | None = None) -> list
                     "rel_path": safe_rel_path(posixpath.join(prefix, rel)),
                     "size": int(size or 0),
                     "kind": kind_of(path),
+                    # a verdict reached before prepare (archive expand); "" = not decided yet
+                    "status": "",
+                    "failure_cause": "",
+                    "error": "",
                 }
             )
     return rows

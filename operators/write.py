@@ -7,15 +7,17 @@ own format and its metadata copied over. Every row, done or failed, ends up in t
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+import cv2
 import numpy as np
 
 from models.detections import CLASSES, Detections
-from operators.anonymize import DEFAULT_KERNELS, anonymize
-from operators.codecs import decode_full, encode, with_jpeg_metadata
+from operators.anonymize import AnonymizeOptions, anonymize, draw_debug
+from operators.codecs import decode_full, encode, strip_jpeg_metadata, with_original_metadata
 from operators.manifest import DETECTIONS_SCHEMA, IMAGES_SCHEMA, write_part
 from operators.storage import join, write_atomic
 
@@ -24,12 +26,20 @@ from operators.storage import join, write_atomic
 class WriteOptions:
     job_id: str
     job_root: str  # OUTPUT/JOB_ID
-    method: str = "blur"
-    bbox: bool = False
-    kernels: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_KERNELS))
+    anonymize: AnonymizeOptions = field(default_factory=AnonymizeOptions)
     quality: int = 90
     compress_level: int = 5
+    debug: bool = False  # draw boxes on the output
+    score: bool = False  # with debug: write the scores too
+    save_mask: str | None = None  # all | binary | instance
+    mask_scale: int = 100  # percent of the image size
+    save_metadata: bool = False  # metadata/<rel>.json (always with method detect)
+    strip_metadata: str = "none"  # none | gps | all
     storage_options: dict | None = None
+
+    @property
+    def method(self) -> str:
+        return self.anonymize.method
 
 
 def write_batch(batch: dict[str, np.ndarray], options: WriteOptions) -> dict[str, np.ndarray]:
@@ -37,9 +47,9 @@ def write_batch(batch: dict[str, np.ndarray], options: WriteOptions) -> dict[str
     image_rows, det_rows = [], []
     for i in range(len(batch["item_id"])):
         row = {k: batch[k][i] for k in batch}
-        image_row, dets = write_item(row, options)
+        image_row, dets, anonymised = write_item(row, options)
         image_rows.append(image_row)
-        det_rows.extend(detection_rows(image_row, dets))
+        det_rows.extend(detection_rows(image_row, dets, anonymised))
     write_part(options.job_root, "images", image_rows, IMAGES_SCHEMA, options.storage_options)
     write_part(options.job_root, "detections", det_rows, DETECTIONS_SCHEMA, options.storage_options)
     stats = {
@@ -52,40 +62,96 @@ def write_batch(batch: dict[str, np.ndarray], options: WriteOptions) -> dict[str
     return {k: np.asarray(v) for k, v in stats.items()}
 
 
-def write_item(row: dict, options: WriteOptions) -> tuple[dict, Detections]:
-    """Anonymize and write one item; returns its manifest row and its detections."""
+def write_item(row: dict, options: WriteOptions) -> tuple[dict, Detections, np.ndarray]:
+    """Anonymize and write one item; returns its manifest row, its detections and, per
+    detection, whether it was anonymised (False inside an ignored area or with method detect)."""
     dets = Detections.from_json(row.get("detections"))
     image_row = _image_row(row, options)
     if row["status"] != "pending":
-        return image_row, Detections.empty()
+        return image_row, Detections.empty(), np.zeros(0, bool)
     t0 = time.perf_counter()
     data: bytes = row["data"]
+    detect_only = options.method == "detect"
     try:
-        if len(dets) and options.method != "detect":
-            frame = anonymize(decode_full(data), dets, options.method, options.bbox, options.kernels)
-            out = encode(frame, row["format"], options.quality, options.compress_level)
-            if row["format"] == "jpeg":
-                out = with_jpeg_metadata(out, data)
-        else:
-            out = data  # nothing to change: the original bytes, untouched
+        anonymised = np.ones(len(dets), dtype=bool)
+        masks = options.save_mask is not None or detect_only
+        if len(dets) and (not detect_only or masks or options.debug):
+            result = anonymize(decode_full(data), dets, options.anonymize, masks=masks)
+            anonymised = result.anonymised & (not detect_only)
+            frame = draw_debug(result.image, dets, options.score) if options.debug else result.image
+            out = None
+            if not detect_only and not anonymised.any() and not options.debug:
+                out = _stripped(data, row["format"], options.strip_metadata)  # all inside ignores
+            elif not detect_only:
+                out = encode(frame, row["format"], options.quality, options.compress_level)
+                out = with_original_metadata(out, data, row["format"], options.strip_metadata)
+            _write_masks(row, result, options)
+        else:  # nothing to change: the original bytes, untouched (metadata stripped if asked)
+            out = None if detect_only else _stripped(data, row["format"], options.strip_metadata)
+            if detect_only:
+                anonymised[:] = False
         t1 = time.perf_counter()
-        output_url = join(options.job_root, "images", row["rel_path"])
-        if options.method != "detect":
+        output_url = None
+        if out is not None:
+            output_url = join(options.job_root, "images", row["rel_path"])
             write_atomic(output_url, out, options.storage_options)
+        if options.save_metadata or detect_only:
+            _write_metadata(row, dets, anonymised, options)
     except Exception as exc:  # one bad image must not take its block down with it
         image_row.update(status="failed", failure_cause="INTERNAL_ERROR", error=f"write failed: {exc!r}")
-        return image_row, Detections.empty()
+        return image_row, Detections.empty(), np.zeros(0, bool)
     image_row.update(
         status="done",
         failure_cause=None,
-        output_url=output_url if options.method != "detect" else None,
-        bytes_out=len(out) if options.method != "detect" else 0,
-        anonymized=bool(len(dets)) and options.method != "detect",
+        output_url=output_url,
+        bytes_out=len(out) if out is not None else 0,
+        anonymized=bool(anonymised.any()),
         t_anonymize_ms=(t1 - t0) * 1e3,
         t_write_ms=(time.perf_counter() - t1) * 1e3,
         **{f"n_{c}": int(np.sum(dets.classes == k)) for k, c in enumerate(CLASSES)},
     )
-    return image_row, dets
+    return image_row, dets, anonymised
+
+
+def _stripped(data: bytes, fmt: str, strip: str) -> bytes:
+    return strip_jpeg_metadata(data, strip) if fmt == "jpeg" and strip != "none" else data
+
+
+def _write_masks(row: dict, result, options: WriteOptions) -> None:
+    kinds = {"all": ("binary", "instance"), "binary": ("binary",), "instance": ("instance",)}
+    for kind in kinds.get(options.save_mask or ("all" if options.method == "detect" else ""), ()):
+        mask = result.binary if kind == "binary" else result.instance[:, :, ::-1]  # RGB -> BGR for cv2
+        if options.mask_scale < 100:
+            h, w = mask.shape[:2]
+            size = (max(1, round(w * options.mask_scale / 100)), max(1, round(h * options.mask_scale / 100)))
+            mask = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
+        url = join(options.job_root, "masks", kind, row["rel_path"] + ".png")
+        write_atomic(url, encode(mask, "png", compress_level=options.compress_level), options.storage_options)
+
+
+def _write_metadata(row: dict, dets: Detections, anonymised: np.ndarray, options: WriteOptions) -> None:
+    """Celantur-style per-image metadata: the image's size and each detection as a box."""
+    doc = {
+        "file": str(row["rel_path"]),
+        "source": str(row["source_url"]) + (f"#{row['member']}" if row["member"] else ""),
+        "width": int(row["width"]),
+        "height": int(row["height"]),
+        "detections": [
+            {
+                "id": j,
+                "type": CLASSES[dets.classes[j]],
+                "detail": dets.details[j],
+                "score": round(float(dets.scores[j]), 4),
+                "bbox": {"topLeftX": round(float(b[0]), 1), "topLeftY": round(float(b[1]), 1),
+                         "width": round(float(b[2] - b[0]), 1), "height": round(float(b[3] - b[1]), 1)},
+                "is_anonymised": bool(anonymised[j]),
+                "model": dets.models[j],
+            }
+            for j, b in enumerate(dets.boxes)
+        ],
+    }
+    url = join(options.job_root, "metadata", row["rel_path"] + ".json")
+    write_atomic(url, json.dumps(doc, indent=1).encode(), options.storage_options)
 
 
 def _image_row(row: dict, options: WriteOptions) -> dict:
@@ -116,9 +182,8 @@ def _image_row(row: dict, options: WriteOptions) -> dict:
     }
 
 
-def detection_rows(image_row: dict, dets: Detections, anonymised: bool | None = None) -> list[dict]:
+def detection_rows(image_row: dict, dets: Detections, anonymised: np.ndarray) -> list[dict]:
     area = max(image_row["width"] * image_row["height"], 1)
-    flag = image_row["anonymized"] if anonymised is None else anonymised
     return [
         {
             "job_id": image_row["job_id"],
@@ -129,7 +194,7 @@ def detection_rows(image_row: dict, dets: Detections, anonymised: bool | None = 
             "score": float(dets.scores[j]),
             "x1": float(b[0]), "y1": float(b[1]), "x2": float(b[2]), "y2": float(b[3]),
             "area_frac": float((b[2] - b[0]) * (b[3] - b[1]) / area),
-            "is_anonymised": bool(flag),
+            "is_anonymised": bool(anonymised[j]),
             "model": dets.models[j],
             "tile": int(dets.tiles[j]),
         }

@@ -110,7 +110,7 @@ def test_rerun_with_a_new_job_id_gives_the_same_item_ids(finished_job, tmp_path)
         (["run", "/nonexistent/photos", "/tmp/veil-out"], "/nonexistent/photos"),
         (["run", "IN", "IN/out"], "inside input"),
         (["run", "IN", "/tmp/veil-out", "--quality", "150"], "quality"),
-        (["run", "IN", "/tmp/veil-out", "--person"], "--person"),
+        (["run", "IN", "/tmp/veil-out", "--mask-scale", "101"], "mask-scale"),
         (["run", "IN", "/tmp/veil-out", "--face-threshold", "2"], "face-threshold"),
     ],
 )

@@ -9,9 +9,14 @@ from __future__ import annotations
 
 from models.adapters.base import Adapter
 from models.adapters.centerface import CenterFace
+from models.adapters.retinaface import RetinaFace
+from models.adapters.yolov8 import YoloV8, YoloV8Seg
 
 ADAPTERS: dict[str, type[Adapter]] = {
     "centerface": CenterFace,
+    "yolov8": YoloV8,
+    "yolov8-seg": YoloV8Seg,
+    "retinaface": RetinaFace,
 }
 
 

@@ -32,7 +32,39 @@ class Adapter(ABC):
         """The lowest threshold among this model's classes: the cut-off for decoding."""
         return min(thresholds.get(c, 0.5) for c in self.entry.veil_classes)
 
-    def labelled(self, boxes: np.ndarray, scores: np.ndarray, labels: list[str]) -> Detections:
-        """Detections for raw model labels, mapped through the catalog's class map."""
-        classes = [CLASSES.index(self.entry.classes[lab]) for lab in labels]
-        return Detections(boxes, scores, classes, details=labels, models=[self.entry.name] * len(labels))
+    def labelled(
+        self,
+        boxes: np.ndarray,
+        scores: np.ndarray,
+        labels: list[str],
+        polygons: list[list[float]] | None = None,
+    ) -> Detections:
+        """Detections for raw model labels, mapped through the catalog's class map; labels the
+        map does not name (e.g. COCO's 'dog') are dropped."""
+        keep = [i for i, lab in enumerate(labels) if lab in self.entry.classes]
+        classes = [CLASSES.index(self.entry.classes[labels[i]]) for i in keep]
+        return Detections(
+            np.asarray(boxes, np.float32).reshape(-1, 4)[keep],
+            np.asarray(scores, np.float32).reshape(-1)[keep],
+            classes,
+            details=[labels[i] for i in keep],
+            models=[self.entry.name] * len(keep),
+            polygons=[polygons[i] for i in keep] if polygons else None,
+        )
+
+    @property
+    def fixed_size(self) -> tuple[int, int] | None:
+        """(height, width) when the model's input dims are fixed, None when dynamic."""
+        shape = self.session.get_inputs()[0].shape
+        h, w = shape[2], shape[3]
+        return (h, w) if isinstance(h, int) and isinstance(w, int) else None
+
+    @property
+    def fixed_batch(self) -> bool:
+        """True when the model runs one image per call (batch dim fixed to 1)."""
+        return self.session.get_inputs()[0].shape[0] == 1
+
+    @property
+    def input_dtype(self) -> type:
+        """float16 for models exported in half precision (platedet), float32 otherwise."""
+        return np.float16 if "float16" in self.session.get_inputs()[0].type else np.float32

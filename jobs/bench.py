@@ -1,0 +1,180 @@
+"""`veil bench`: veil's throughput against the bare loop, the codec floor and the peer (deface), in one run.
+
+All four run on the same images on the same machine, one after the other, so their ratios are
+comparable even on a noisy machine:
+  pipeline  the real job on Ray (steady state: items finished after the first write batch over
+            the time from that batch to the last, so Ray's start-up is excluded)
+  bare      one process, no Ray: the same decode + models + anonymize + encode (the limit)
+  codec     decode + encode only (the floor no anonymizer can beat)
+  peer      deface's CenterFace through its Python API at its defaults (threshold 0.2, full
+            resolution, blurred ellipses), when `deface` is importable
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow.parquet as pq
+
+from jobs.spec import build_spec
+from models.fetch import prepared_weights
+from operators.codecs import decode_full, encode
+from operators.detect import Detector, to_stored_pixels
+from operators.prepare import prepare_item
+from operators.sources import list_sources
+from operators.write import WriteOptions, write_item
+
+
+class PeakRss:
+    """Samples the RSS of this process and every Ray worker process; keeps the peaks."""
+
+    def __init__(self, interval: float = 0.25):
+        self.interval, self.peaks, self._stop = interval, {"total": 0, "largest_process": 0}, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        me = os.getpid()
+        while not self._stop.is_set():
+            total = largest = 0
+            for p in psutil.process_iter(["pid", "name", "cmdline", "memory_info"]):
+                try:
+                    cmd = " ".join(p.info["cmdline"] or [])
+                    if p.info["pid"] == me or "ray::" in (p.info["name"] or "") or "ray::" in cmd:
+                        rss = p.info["memory_info"].rss
+                        total, largest = total + rss, max(largest, rss)
+                except (psutil.Error, TypeError):
+                    continue
+            self.peaks["total"] = max(self.peaks["total"], total)
+            self.peaks["largest_process"] = max(self.peaks["largest_process"], largest)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def mb(self) -> dict[str, float]:
+        return {k: round(v / 2**20, 1) for k, v in self.peaks.items()}
+
+
+def _rate(n: int, seconds: float) -> float:
+    return round(n / seconds, 3) if seconds > 0 else 0.0
+
+
+def bench_pipeline(images_dir: str, fields: dict, out_dir: str) -> dict:
+    from jobs.run import run_job
+
+    spec = build_spec({**fields, "inputs": [images_dir], "output": out_dir, "job_id": "bench"})
+    with PeakRss() as rss:
+        t0 = time.perf_counter()
+        doc = run_job(spec, log=lambda *_: None)
+        wall = time.perf_counter() - t0
+    rows = pq.read_table(Path(out_dir) / "bench" / "manifest" / "images").to_pandas()
+    times = np.sort(rows["processed_at"].astype("int64").to_numpy() / 1e3)  # ms -> s
+    # Items finish in write batches sharing a timestamp: the steady rate is the items finished
+    # after the first batch over the time from that batch to the last (start-up excluded).
+    lo, hi = times[0], times[-1]
+    steady_n = int(np.sum(times > lo))
+    mp = float((rows["width"] * rows["height"]).sum() / 1e6)
+    stage_ms = {c: round(float(rows[c].mean()), 2) for c in rows.columns if c.startswith("t_")}
+    return {"img_s": _rate(steady_n, hi - lo), "img_s_wall": _rate(len(rows), wall), "wall_s": round(wall, 2),
+            "mp_s": _rate(mp * steady_n / max(len(rows), 1), hi - lo), "stage_ms_per_item": stage_ms,
+            "peak_rss_mb": rss.mb(), "detections": doc["totals"]["detections"]}
+
+
+def bench_bare(images_dir: str, fields: dict, out_dir: str) -> dict:
+    spec = build_spec({**fields, "inputs": [images_dir], "output": out_dir})
+    classes, models = spec.resolve_models()
+    detector = Detector([(e.model_dump(), prepared_weights(e)) for e in models.values()], classes,
+                        spec.thresholds(), "cpu", os.cpu_count() or 1)
+    options = WriteOptions(job_id="bare", job_root=str(Path(out_dir) / "bare"), anonymize=spec.anonymize_options(),
+                           quality=spec.quality)
+    rows = [r for r in list_sources([images_dir]) if r["kind"] == "image"]
+    times = []
+    for row in rows:
+        t0 = time.perf_counter()
+        item = {**row, **prepare_item(row, None, spec.det_max_side, spec.max_pixels)}
+        det = np.frombuffer(item["det"], np.uint8).reshape(item["det_h"], item["det_w"], 3)
+        found = detector.detect([det])[0]
+        item["detections"] = to_stored_pixels(found, item["det_w"], item["det_h"], item["width"],
+                                              item["height"], item["orientation"]).to_json()
+        write_item(item, options)
+        times.append(time.perf_counter() - t0)
+    steady = times[1:] or times  # the first image pays for session warm-up
+    return {"img_s": _rate(len(steady), sum(steady)), "ms_per_img": round(1e3 * float(np.mean(steady)), 2)}
+
+
+def bench_codec(images_dir: str) -> dict:
+    rows = [r for r in list_sources([images_dir]) if r["kind"] == "image"]
+    t0 = time.perf_counter()
+    for row in rows:
+        data = Path(row["source_url"]).read_bytes()
+        fmt = "png" if data[:4] == b"\x89PNG" else "jpeg"
+        encode(decode_full(data), fmt)
+    return {"img_s": _rate(len(rows), time.perf_counter() - t0)}
+
+
+def bench_peer(images_dir: str) -> dict | None:
+    """deface 1.5.0 at its defaults, through its Python API; None if deface is not installed."""
+    try:
+        import imageio.v2 as iio
+        from deface.centerface import CenterFace
+        from deface.deface import anonymize_frame
+    except ImportError:
+        return None
+    centerface = CenterFace(in_shape=None, backend="onnxrt")
+    rows = [r for r in list_sources([images_dir]) if r["kind"] == "image"]
+    times = []
+    for row in rows:
+        t0 = time.perf_counter()
+        frame = iio.imread(row["source_url"])
+        dets, _ = centerface(frame, threshold=0.2)
+        anonymize_frame(dets, frame, mask_scale=1.3, replacewith="blur", ellipse=True, draw_scores=False,
+                        replaceimg=None, mosaicsize=20)
+        iio.imwrite(io.BytesIO(), frame, format="jpeg")
+        times.append(time.perf_counter() - t0)
+    steady = times[1:] or times
+    return {"img_s": _rate(len(steady), sum(steady))}
+
+
+def run_bench(images_dir: str, fields: dict, json_path: str | None = None, peer: bool = True) -> dict:
+    with tempfile.TemporaryDirectory(prefix="veil-bench-") as tmp:
+        result = {
+            "images": images_dir,
+            "machine": {"cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1)},
+            "options": fields,
+            "pipeline": bench_pipeline(images_dir, fields, tmp),
+            "bare": bench_bare(images_dir, fields, tmp),
+            "codec": bench_codec(images_dir),
+            "peer": bench_peer(images_dir) if peer else None,
+        }
+    ours = result["pipeline"]["img_s"]
+    result["ratios"] = {
+        "pipeline_vs_bare": round(ours / max(result["bare"]["img_s"], 1e-9), 3),
+        "pipeline_vs_peer": round(ours / result["peer"]["img_s"], 3) if result["peer"] else None,
+    }
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def format_bench(result: dict) -> str:
+    lines = [f"{'run':<10}{'img/s':>10}", "-" * 20]
+    for name in ("pipeline", "bare", "codec", "peer"):
+        if result.get(name):
+            lines.append(f"{name:<10}{result[name]['img_s']:>10.2f}")
+    lines.append(f"pipeline/bare {result['ratios']['pipeline_vs_bare']}, "
+                 f"pipeline/peer {result['ratios']['pipeline_vs_peer']}")
+    lines.append(f"peak RSS (MB): {result['pipeline']['peak_rss_mb']}")
+    return "\n".join(lines)
