@@ -9,12 +9,13 @@ from pathlib import Path
 
 import py7zr
 import pytest
+from conftest import SHARED
 
 from operators.archives import ArchiveOptions, expand_archive, expand_rows, read_member
 from operators.prepare import prepare_batch
 from operators.sources import list_sources
 
-RAR = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "rar"
+RAR = SHARED / "fixtures" / "rar"
 
 
 def source_row(path: Path) -> dict:

@@ -5,15 +5,15 @@ from __future__ import annotations
 import os
 import subprocess
 import zipfile
-from pathlib import Path
 
 import pytest
+from conftest import SHARED
 
 from operators.archives import _CACHE, ArchiveOptions, expand_archive, read_member
 from operators.sources import list_sources
 from operators.storage import filesystem
 
-RAR = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "rar"
+RAR = SHARED / "fixtures" / "rar"
 
 
 @pytest.fixture
