@@ -35,7 +35,7 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
     _opt(p, "--method", choices=["blur", "pixelate", "blacken", "detect"],
          help="blur (default) | pixelate | blacken | detect (masks and metadata only)")
     _opt(p, "--bbox", action="store_true", default=None, help="anonymize the whole box, not the inscribed ellipse")
-    for cls, default in (("face", 0.5), ("license-plate", 0.5), ("person", 0.4), ("vehicle", 0.4)):
+    for cls, default in (("face", 0.2), ("license-plate", 0.5), ("person", 0.4), ("vehicle", 0.4)):
         _opt(p, f"--{cls}-threshold", type=float, help=f"minimum score 0..1 (default {default})")
     for cls, default in (("face", "0.35"), ("license-plate", "0.5"), ("person", "95"), ("vehicle", "61")):
         _opt(p, f"--kernel-size-{cls}", type=float,
@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     for cls in ("face", "license-plate", "person", "vehicle"):
         _opt(ev, f"--{cls}-threshold", type=float, help=f"minimum score for {cls.replace('-', ' ')}s")
     _opt(ev, "--detect-models", help="comma-separated catalog names to use instead of the defaults")
-    _opt(ev, "--scales", help="resize factors of whole-image passes for face models, e.g. 1,2")
+    _opt(ev, "--scales", help="resize factors of whole-image passes (tiled for fixed-size models), e.g. 1,2")
     _opt(ev, "--combine", choices=["mean", "max"], help="merge scale passes by mean score or NMS union")
     _opt(ev, "--ensemble", choices=["mean", "max"], help="merge several models of a class by mean score or union")
     _opt(ev, "--tiling", help="auto | off | NxM (tile grid)")

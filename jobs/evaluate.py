@@ -128,11 +128,12 @@ def override_catalog(
     for name, entry in catalog.items():
         fields = entry.model_dump(exclude={"name"})
         if models is not None:
-            fields["default_for"] = sorted(entry.veil_classes & set(classes)) if name in models else []
-            if name == "yolov8n-coco" and name not in models:
-                fields["default_for"] = []  # no vehicle helper unless asked for
+            served = sorted(entry.veil_classes & set(classes))
+            if name in models and not served and "vehicle" in entry.veil_classes:
+                served = ["vehicle"]  # named for plates: the vehicle helper of the two-stage search
+            fields["default_for"] = served if name in models else []
         passes = fields["passes"]
-        if scales is not None and "face" in entry.veil_classes:
+        if scales is not None and entry.veil_classes & set(classes):
             passes["scales"] = scales
         if combine is not None:
             passes["combine"] = combine

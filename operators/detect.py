@@ -114,7 +114,13 @@ class Detector:
         views: list[View] = []
         for i, img in enumerate(images):
             h, w = img.shape[:2]
-            views += [View(i, (0, 0, w, h), s, k) for k, s in enumerate(scales)]
+            for k, s in enumerate(scales):
+                if fixed and s > 1:
+                    # A fixed-size model would shrink an upscaled frame right back: tile it instead.
+                    nx, ny = grid_for(round(w * s), round(h * s), side, cfg.overlap)
+                    views += tiled_views(i, w, h, nx, ny, cfg.overlap, k, factor=s)
+                else:
+                    views.append(View(i, (0, 0, w, h), s, k))
             grid = _grid(cfg.tiling, w, h, side if fixed else None, cfg.overlap)
             if grid:
                 views += tiled_views(i, w, h, grid[0], grid[1], cfg.overlap, len(scales))
