@@ -128,11 +128,7 @@ class ZipArchive:
             self.zf.fp = real
 
     def iter_block(self, names: list[str], limit: int) -> Iterator[tuple[str, bytes | Exception]]:
-        for name in names:
-            try:
-                yield name, self.read(name, limit)
-            except Exception as exc:
-                yield name, exc
+        yield from read_each(self.read, names, limit)
 
     def close(self) -> None:
         self.zf.close()
@@ -352,14 +348,19 @@ class RarArchive:
     def iter_block(self, names: list[str], limit: int) -> Iterator[tuple[str, bytes | Exception]]:
         # The tool re-reads a solid archive from its start for each member: CPU grows with the
         # square of the member count, memory stays one member. Good enough for RAR's share.
-        for name in names:
-            try:
-                yield name, self.read(name, limit)
-            except Exception as exc:
-                yield name, exc
+        yield from read_each(self.read, names, limit)
 
     def close(self) -> None:
         self.rf.close()
+
+
+def read_each(read: Any, names: list[str], limit: int) -> Iterator[tuple[str, bytes | Exception]]:
+    """Members read one by one; a failing member yields its exception, the rest go on."""
+    for name in names:
+        try:
+            yield name, read(name, limit)
+        except Exception as exc:
+            yield name, exc
 
 
 def _kill_tool(f: Any) -> None:

@@ -12,7 +12,7 @@ import zlib
 from collections.abc import Iterator
 from typing import IO
 
-from operators.archive_formats import Encrypted, Member, TooLarge
+from operators.archive_formats import Encrypted, Member, TooLarge, read_each
 
 LOCAL = struct.Struct("<4sHHHHHIIIHH")  # signature, version, flags, method, time, date, crc, csize, usize, n, e
 MAX_MEMBERS = 1_000_000
@@ -84,11 +84,7 @@ class ScannedZip:
         return out
 
     def iter_block(self, names: list[str], limit: int) -> Iterator[tuple[str, bytes | Exception]]:
-        for name in names:
-            try:
-                yield name, self.read(name, limit)
-            except Exception as exc:
-                yield name, exc
+        yield from read_each(self.read, names, limit)
 
     def close(self) -> None:
         pass
