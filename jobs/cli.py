@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
 
+from jobs.job_store import JobBusy, JobNotFound
+from jobs.pricing import PricingError
 from jobs.spec import SpecError, build_spec
 from operators.sources import InputError
 
@@ -57,6 +61,13 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
          help="remove GPS tags or all EXIF/XMP/IPTC from the outputs (default none; the ICC profile stays)")
     _opt(p, "--quality", type=int, help="JPEG/WebP quality 0..100 (default 90)")
     _opt(p, "--compress-level", type=int, help="PNG compression 0..9 (default 5)")
+    _opt(p, "--format", metavar="whole|auto|panorama|JSON",
+         help="tiling (default auto): auto = each model's catalog tiling, and images that are 360-degree "
+              "equirectangular panoramas (XMP GPano, or 2:1 and >= 4000 px wide) as panorama; whole = no tiles; "
+              "panorama = wrap around the left/right seam (a strip of 1/8 of the width, copied from the left "
+              "edge, searched past the right one) plus square tiles for fixed-size models; "
+              '\'{"number": [nx, ny], "overlap": [ox, oy]}\' = nx x ny tiles (1..32) overlapping by a fraction '
+              "0..0.5 of a tile, for every model")
     _opt(p, "--storage-option", type=_storage_option, action="append", dest="storage_option",
          metavar="KEY=VALUE", help="fsspec option for remote URLs, e.g. endpoint_url=http://127.0.0.1:9000, anon=true")
     _opt(p, "--models", help="extra model catalog (YAML/JSON) to add to the built-in one")
@@ -67,6 +78,29 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
     _opt(p, "--batch-size", type=int, help="images per detection batch (default 8)")
     _opt(p, "--detect-actors", type=int, help="number of detection actors (default: from the cluster's resources)")
     _add_archive_options(p)
+    _add_billing_options(p)
+
+
+def _add_billing_options(p: argparse.ArgumentParser) -> None:
+    """Credits, cap and notification (issue 7)."""
+    _opt(p, "--pricing", help="pricing table (YAML/JSON) laid over the default one (jobs/pricing.yaml)")
+    _opt(p, "--max-credits", type=float,
+         help="hard cap on the credits the job charges; items past it are skipped with BUDGET_EXCEEDED")
+    _opt(p, "--webhook", help="http(s) URL that receives the job report (POST) when the job awaits approval or ends")
+    _opt(p, "--web-auth-header-name", help="header sent with the webhook, e.g. Authorization")
+    _opt(p, "--web-auth-header-value", help="its value (never logged nor stored in job.json)")
+
+
+def _add_run_controls(p: argparse.ArgumentParser) -> None:
+    _opt(p, "--approve", action="store_true", help="run even if the quote is at or over the auto-approve limit")
+    _opt(p, "--auto-approve-below", type=float,
+         help="jobs quoted at this many credits or more wait for approval (default: the pricing table's; "
+              "none = always approve)")
+    _opt(p, "--retry-failed", action="store_true", help="when resuming a job id, process its failed items again")
+
+
+RUN_CONTROLS = ("approve", "auto_approve_below", "retry_failed")
+EXIT_AWAITING_APPROVAL = 3  # `veil run` stopped with a quote: not an error, not done either
 
 
 def _add_archive_options(p: argparse.ArgumentParser) -> None:
@@ -81,6 +115,9 @@ def _add_archive_options(p: argparse.ArgumentParser) -> None:
     _opt(p, "--max-archive-bytes", type=int,
          help="most uncompressed bytes taken from one archive; members past it fail TOO_LARGE "
               "(default 1099511627776 = 1 TiB)")
+    _opt(p, "--repack", choices=["none", "zip"],
+         help="zip: also write the anonymized members of each input archive into one zip under "
+              "OUTPUT/JOB_ID/archives/ (archive in, archive out; only members that ended done) (default none)")
     _opt(p, "--max-compression-ratio", type=float,
          help="largest uncompressed/compressed size ratio of a member of 1 MiB or more; "
               "higher ones fail TOO_LARGE as likely bombs (default 100)")
@@ -92,7 +129,7 @@ def spec_fields(args: argparse.Namespace, inputs: list[str], output: str) -> dic
     if getattr(args, "spec", None):
         fields.update(yaml.safe_load(args.spec.read_text()) or {})
     fields.update(inputs=inputs, output=output)
-    skip = {"command", "spec", "paths", "storage_option", "func"}
+    skip = {"command", "spec", "paths", "inputs", "storage_option", "func", "output", "json", *RUN_CONTROLS}
     for key, value in vars(args).items():
         if key not in skip and value is not None:
             fields[key] = value
@@ -102,7 +139,6 @@ def spec_fields(args: argparse.Namespace, inputs: list[str], output: str) -> dic
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from jobs.report import summary_text
     from jobs.run import run_job
 
     if len(args.paths) < 2:
@@ -110,16 +146,47 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     spec = build_spec(spec_fields(args, args.paths[:-1], args.paths[-1]))
     print(f"job id: {spec.job_id}")
-    doc = run_job(spec)
+    with cancel_on_sigterm():
+        doc = run_job(spec, approve=args.approve, auto_approve_below=args.auto_approve_below,
+                      retry_failed=args.retry_failed)
+    return print_outcome(doc)
+
+
+def print_outcome(doc: dict) -> int:
+    from jobs.quote import quote_text
+    from jobs.report import summary_text
+
+    if doc["status"] == "awaiting_approval":
+        print(quote_text(doc["quote"]))
+        print(f"job {doc['job_id']}: awaiting approval - {doc['description']}")
+        return EXIT_AWAITING_APPROVAL
     print(summary_text(doc))
     return 0
+
+
+@contextmanager
+def cancel_on_sigterm():
+    """SIGTERM (Ray's job stop, kill, Kubernetes) ends the job as `cancelled`, like Ctrl-C."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from jobs.bench import format_bench, run_bench
 
     fields = {c: True for c in (args.classes or "").replace("-", "_").split(",") if c}
-    result = run_bench(args.images_dir, fields, args.json, peer=not args.no_peer)
+    result = run_bench(args.images_dir, fields, args.json, peer=not args.no_peer, repeat=args.repeat,
+                       pass_through_dir=args.pass_through)
     print(format_bench(result))
     if args.json:
         print(f"written: {args.json}")
@@ -190,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("paths", nargs="+", metavar="INPUT... OUTPUT",
                      help="files, folders, globs or fsspec URLs, then the output folder/URL")
     _add_job_options(run)
+    _add_run_controls(run)
     run.set_defaults(func=cmd_run)
 
     bench = sub.add_parser("bench", help="throughput: pipeline vs bare loop vs codec floor vs deface, one run")
@@ -198,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
                                   "(default: the job default)")
     bench.add_argument("--json", help="write the results to this file")
     _opt(bench, "--no-peer", action="store_true", help="skip deface even when it is installed")
+    _opt(bench, "--repeat", type=int, default=1, help="use every image N times under new names (default 1)")
+    _opt(bench, "--pass-through", metavar="DIR",
+         help="also run a set with nothing to anonymize and compare its speed with the full pass")
     bench.set_defaults(func=cmd_bench)
 
     demo = sub.add_parser("demo", help="run a job on sample photos shipped by installed packages")
@@ -229,6 +300,13 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(ev, "--device", choices=["auto", "cpu", "cuda"], help="where detection runs")
     _opt(ev, "--json", help="write the figures to this JSON file")
     ev.set_defaults(func=cmd_eval)
+    from jobs.cli_lifecycle import add_lifecycle_commands
+    from jobs.submit import add_submit_commands
+
+    add_lifecycle_commands(sub, _add_job_options)
+    add_submit_commands(sub)
+    from jobs.api.serve import add_serve_command
+    add_serve_command(sub)
     return parser
 
 
@@ -236,9 +314,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (SpecError, InputError) as exc:
+    except (SpecError, InputError, PricingError, JobNotFound, JobBusy) as exc:
         print(f"veil {args.command}: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"veil {args.command}: cancelled", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

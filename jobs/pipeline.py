@@ -20,8 +20,11 @@ import ray
 from jobs.spec import JobSpec
 from models.catalog import ModelEntry
 from operators.archives import ArchiveOptions, expand_rows
+from operators.budget import Billing, CreditLedger
 from operators.detect import Detector
 from operators.prepare import prepare_batch
+from operators.repack import repack_archive
+from operators.resume import drop_finished
 from operators.write import WriteOptions, write_batch
 
 PREPARE_BATCH = 4  # items per read+prepare task batch: small, since each holds a detection copy
@@ -64,7 +67,8 @@ def ray_session() -> Iterator[None]:
         finally:
             ray.shutdown()
         return
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
+    # address="local": a cluster left by `ray start` on this machine is not joined by accident
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
     try:
         yield
     finally:
@@ -78,22 +82,59 @@ class Resources:
     detect_actors: int
     threads_per_actor: int
     device: str
+    cpus_per_actor: int = 1  # what each detection actor reserves from Ray's scheduler
 
 
 def plan_resources(spec: JobSpec) -> Resources:
-    """Actor count and threads from the cluster's resources (overridable by the spec)."""
+    """Actor count and threads from the cluster's resources (overridable by the spec).
+
+    On CPU, about a fifth of the CPUs stay free for the decode/encode tasks; each actor runs as
+    many ONNX Runtime threads as its share (never more than the largest node has) and reserves
+    what it uses, so that Ray does not schedule tasks onto the same cores. On GPU, one actor per
+    GPU (`--detect-actors` when GPU nodes autoscale from zero and none are up yet)."""
     total = ray.cluster_resources()
     cpus, gpus = int(total.get("CPU", 1)), int(total.get("GPU", 0))
     device = spec.device if spec.device != "auto" else ("cuda" if gpus else "cpu")
     if device == "cuda":
-        actors = spec.detect_actors or max(gpus, 1)
-        threads = 1
-    else:
-        # ONNX Runtime parallelises inside one session well; few actors with several threads
-        # each leave the remaining CPUs to the decode/encode tasks.
-        actors = spec.detect_actors or max(1, cpus // 4)
-        threads = max(1, cpus // actors)
-    return Resources(cpus, gpus, actors, threads, device)
+        return Resources(cpus, gpus, spec.detect_actors or max(gpus, 1), 1, device, 0)
+    node_cpus = max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=cpus)
+    # ONNX Runtime parallelises inside one session well; few actors with several threads each.
+    actors = spec.detect_actors or max(1, cpus // 4)
+    threads = max(1, min(node_cpus, cpus // actors))
+    reserve = max(1, cpus // 5)
+    per_actor = max(1, min(threads, (cpus - reserve) // actors))
+    return Resources(cpus, gpus, actors, threads, device, per_actor)
+
+
+class RemoteLedger:
+    """The job's CreditLedger in one Ray actor: every prepare and write task reserves and gives
+    back credits through it, one call at a time, so the cap holds across the whole cluster."""
+
+    def __init__(self, cap: float | None, charged: float):
+        self.actor = ray.remote(num_cpus=0)(CreditLedger).remote(cap, charged)
+
+    def reserve(self, requests: list[tuple[str, float]]) -> list[bool]:
+        return ray.get(self.actor.reserve.remote(requests))
+
+    def release(self, requests: list[tuple[str, float]]) -> None:
+        ray.get(self.actor.release.remote(requests))
+
+    def state(self) -> dict:
+        return ray.get(self.actor.state.remote())
+
+
+_FINISHED: dict[str, set] = {}  # per worker process: the resume set, fetched once
+
+
+def _drop_finished(batch: dict, finished_ref) -> dict:
+    """Resume: drop archive members finished by an earlier run (the set sits in the object store)."""
+    if not isinstance(finished_ref, ray.ObjectRef):
+        return drop_finished(batch, finished_ref)
+    key = finished_ref.hex()
+    if key not in _FINISHED:
+        _FINISHED.clear()
+        _FINISHED[key] = ray.get(finished_ref)
+    return drop_finished(batch, _FINISHED[key])
 
 
 class _RayDetector(Detector):
@@ -111,9 +152,14 @@ def build_dataset(
     weights: dict[str, bytes],
     job_root: str,
     res: Resources,
+    billing: Billing | None = None,
+    finished: set[str] | None = None,
 ) -> ray.data.Dataset:
+    """`billing` prices items (and reserves credits when it holds a ledger); `finished`: item ids
+    an earlier run of this job finished (resume), dropped after archive expansion."""
     model_refs = [(models[name].model_dump(), ray.put(weights[name])) for name in models]
-    actor_memory = 256 * 2**20 + 4 * sum(len(w) for w in weights.values())
+    # measured: ~375 MiB for the face models, ~1.3 GiB for all four classes (ORT arenas grow with the weights)
+    actor_memory = 256 * 2**20 + 16 * sum(len(w) for w in weights.values())
     blocks = max(1, min(len(sources), res.cpus * 8, 2000))
     ds = ray.data.from_items(sources, override_num_blocks=blocks)
     # --- archive expand stage (issue 4): archives become one row per member, listed on workers ---
@@ -121,6 +167,8 @@ def build_dataset(
     # One archive expands into many rows inside one task; re-cut into small blocks (streaming,
     # no barrier) so that its members spread over all prepare tasks instead of one.
     ds = ds.repartition(target_num_rows_per_block=EXPAND_ROWS_PER_BLOCK)
+    if finished:
+        ds = ds.map_batches(_drop_finished, batch_format="numpy", fn_kwargs={"finished_ref": ray.put(finished)})
     ds = ds.map_batches(
         prepare_batch,
         batch_size=PREPARE_BATCH,
@@ -129,6 +177,7 @@ def build_dataset(
             "storage_options": spec.storage_options,
             "det_max_side": spec.det_max_side,
             "max_pixels": spec.max_pixels,
+            "billing": billing,
         },
     )
     ds = ds.map_batches(
@@ -136,7 +185,7 @@ def build_dataset(
         batch_size=spec.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=res.detect_actors),
-        num_cpus=0 if res.device == "cuda" else 1,
+        num_cpus=0 if res.device == "cuda" else res.cpus_per_actor,
         num_gpus=1 if res.device == "cuda" else 0,
         # The memory request reserves room for the sessions; being a different resource shape
         # from the prepare tasks, it also keeps Ray from fusing decoding into these actors.
@@ -147,6 +196,7 @@ def build_dataset(
             "thresholds": spec.thresholds(),
             "device": res.device,
             "threads": res.threads_per_actor,
+            "format": spec.detect_format(),
         },
     )
     options = WriteOptions(
@@ -162,5 +212,12 @@ def build_dataset(
         save_metadata=spec.save_metadata,
         strip_metadata=spec.strip_metadata,
         storage_options=spec.storage_options,
+        ledger=billing.ledger if billing else None,
     )
     return ds.map_batches(write_batch, batch_size=WRITE_BATCH, batch_format="numpy", fn_kwargs={"options": options})
+
+
+def repack_archives(groups: dict[str, list[tuple[str, str]]], job_root: str, storage_options: dict) -> list[dict]:
+    """One Ray task per input archive (they stream, so a task needs little memory)."""
+    task = ray.remote(num_cpus=1)(repack_archive)
+    return ray.get([task.remote(rel, members, job_root, storage_options) for rel, members in groups.items()])

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import numpy as np
+import pyarrow as pa
 
 from models.detections import CLASSES
 from operators.storage import join, read_bytes, write_atomic
@@ -28,6 +29,10 @@ class Totals:
     detections: Counter = field(default_factory=Counter)
     anonymized: int = 0
     megapixels: float = 0.0
+    credits: float = 0.0
+    cpu_s: float = 0.0
+    gpu_s: float = 0.0
+    cpu_by_stage: dict = field(default_factory=dict)  # from the manifest only: {prepare, detect, write}
 
     def add(self, stats: dict[str, np.ndarray]) -> None:
         self.items += len(stats["status"])
@@ -37,6 +42,32 @@ class Totals:
             self.detections[c] += int(np.sum(stats[f"n_{c}"]))
         self.anonymized += int(np.sum(stats["anonymized"]))
         self.megapixels += float(np.sum(stats["megapixels"]))
+        self.credits += float(np.sum(stats.get("credits", 0.0)))
+        self.cpu_s += float(np.sum(stats.get("cpu_ms", 0.0))) / 1e3
+        self.gpu_s += float(np.sum(stats.get("gpu_ms", 0.0))) / 1e3
+
+    @classmethod
+    def from_manifest(cls, images: pa.Table) -> Totals:
+        """Totals over the manifest's latest row per item: the job's whole history, resumes included."""
+        t = cls()
+        rows = images.select(["status", "failure_cause", "anonymized", "width", "height", "credits",
+                              "cpu_prepare_ms", "cpu_detect_ms", "cpu_write_ms", "gpu_detect_ms",
+                              *[f"n_{c}" for c in CLASSES]]).to_pydict()
+        t.items = images.num_rows
+        t.by_status.update(rows["status"])
+        t.by_cause.update(c for c in rows["failure_cause"] if c)
+        done = [s == "done" for s in rows["status"]]
+        for c in CLASSES:
+            t.detections[c] = sum(int(n or 0) for n, d in zip(rows[f"n_{c}"], done, strict=True) if d)
+        t.anonymized = sum(bool(a) for a, d in zip(rows["anonymized"], done, strict=True) if d)
+        t.megapixels = sum((w or 0) * (h or 0) for w, h, d in zip(rows["width"], rows["height"], done, strict=True)
+                           if d) / 1e6
+        t.credits = sum(float(c or 0) for c, d in zip(rows["credits"], done, strict=True) if d)
+        t.cpu_by_stage = {k[4:-3]: sum(float(v or 0) for v in rows[k]) / 1e3
+                          for k in ("cpu_prepare_ms", "cpu_detect_ms", "cpu_write_ms")}
+        t.cpu_s = sum(t.cpu_by_stage.values())
+        t.gpu_s = sum(float(v or 0) for v in rows["gpu_detect_ms"]) / 1e3
+        return t
 
     def as_dict(self) -> dict:
         return {
@@ -48,6 +79,10 @@ class Totals:
             "detections": {c: self.detections.get(c, 0) for c in CLASSES},
             "anonymized_images": self.anonymized,
             "megapixels": round(self.megapixels, 3),
+            "item_credits": round(self.credits, 6),
+            "cpu_s": round(self.cpu_s, 3),
+            "gpu_s": round(self.gpu_s, 3),
+            "cpu_s_by_stage": {k: round(v, 3) for k, v in self.cpu_by_stage.items()},
         }
 
 
@@ -55,7 +90,9 @@ class JobReport:
     """`OUTPUT/JOB_ID/job.json`: spec, status, timestamps, totals. Rewritten atomically, at most
     every `interval` seconds while running, so another process can follow progress."""
 
-    def __init__(self, job_root: str, spec: dict, storage_options: dict | None, interval: float = 5.0):
+    def __init__(self, job_root: str, spec: dict, storage_options: dict | None, interval: float = 5.0,
+                 earlier: dict | None = None):
+        """`earlier`: the job.json of an earlier run of this job (resume): its history is kept."""
         self.url = join(job_root, "job.json")
         self.storage_options = storage_options
         self.interval = interval
@@ -69,18 +106,26 @@ class JobReport:
             "finished_at": None,
             "spec": spec,
             "totals": Totals().as_dict(),
+            "credits": {"total": 0.0},
+            "cost": {},
+            "webhook": {"status": "", "events": []},
+            "runs": [],
             "outputs": {"root": job_root, "images": join(job_root, "images"), "manifest": join(job_root, "manifest")},
         }
+        if earlier:
+            for key in ("created_at", "webhook", "runs", "quote", "approved_at"):
+                if key in earlier:
+                    self.doc[key] = earlier[key]
 
     def set(self, status: str, description: str = "", **fields) -> None:
         self.doc.update(status=status, description=description, **fields)
         self.save()
 
-    def progress(self, totals: Totals, expected: int, started: float) -> None:
+    def progress(self, totals: Totals, expected: int, started: float, note: str = "") -> None:
         if time.monotonic() - self._last < self.interval:
             return
         self.doc["totals"] = totals.as_dict()
-        self.doc["description"] = f"{totals.items} of {expected} items"
+        self.doc["description"] = f"{totals.items} of {expected} items" + note
         self.doc["throughput_img_s"] = round(totals.items / max(time.monotonic() - started, 1e-9), 3)
         self.save()
 
@@ -93,8 +138,17 @@ def load_report(job_root: str, storage_options: dict | None = None) -> dict:
     return json.loads(read_bytes(join(job_root, "job.json"), storage_options))
 
 
+def try_load_report(job_root: str, storage_options: dict | None = None) -> dict | None:
+    """The job.json of an existing job, or None when the job does not exist yet."""
+    try:
+        return load_report(job_root, storage_options)
+    except FileNotFoundError:
+        return None
+
+
 def summary_text(doc: dict) -> str:
     t = doc["totals"]
+    credits, cost = doc.get("credits") or {}, doc.get("cost") or {}
     causes = ", ".join(f"{k} {v}" for k, v in sorted(t["failure_causes"].items())) or "none"
     dets = ", ".join(f"{k} {v}" for k, v in t["detections"].items() if v) or "none"
     return "\n".join([
@@ -102,6 +156,11 @@ def summary_text(doc: dict) -> str:
         f"  items      {t['items']}: {t['done']} done, {t['failed']} failed, {t['skipped']} skipped",
         f"  failures   {causes}",
         f"  detections {dets} ({t['anonymized_images']} images anonymized)",
+        f"  credits    {credits.get('total', 0.0):g}"
+        + (f" (cap {credits['max_credits']:g})" if credits.get("max_credits") is not None else ""),
+        f"  cost       {cost.get('total', 0.0):.4f} {cost.get('currency', '')} "
+        f"({cost.get('cpu_s', 0.0):.1f} CPU-s, {cost.get('gpu_s', 0.0):.1f} GPU-s; "
+        f"{cost.get('per_1000_images', 0.0):.4f} per 1000 images)",
         f"  speed      {doc.get('throughput_img_s', 0):.2f} img/s, "
         f"{t['megapixels']:.1f} MP in {doc.get('wall_s', 0):.1f} s",
         f"  outputs    {doc['outputs']['root']}",

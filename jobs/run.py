@@ -1,54 +1,141 @@
 """`veil run`: one job from end to end, on local Ray or the cluster named by RAY_ADDRESS.
 
 Everything that can be refused is refused before Ray starts: the spec, the classes and models,
-the inputs (they must exist) and the output (it must not sit inside an input).
+the pricing file, the inputs (they must exist) and the output (it must not sit inside an input).
+
+The life of a job (status in job.json): new -> [awaiting_approval ->] queued -> processing ->
+done | failed | cancelled. Re-running a job id resumes it: items already finished in the
+manifest are skipped (failed ones too, unless retry_failed), and its credits count once.
 """
 
 from __future__ import annotations
 
 import time
 
-from jobs.pipeline import build_dataset, plan_resources, ray_session
-from jobs.report import JobReport, Totals, now_iso
-from jobs.spec import JobSpec
+from jobs.pipeline import RemoteLedger, archive_options, build_dataset, plan_resources, ray_session, repack_archives
+from jobs.pricing import Pricing, load_pricing
+from jobs.quote import quote_items
+from jobs.report import JobReport, Totals, now_iso, try_load_report
+from jobs.spec import JobSpec, SpecError
+from jobs.webhook import post_report
 from models.fetch import prepared_weights
+from operators.budget import Billing
+from operators.manifest import read_table
+from operators.repack import members_by_archive
+from operators.resume import ResumeState, latest_rows, resume_state
 from operators.sources import check_output_outside_inputs, list_sources
 from operators.storage import join
 
 
-def run_job(spec: JobSpec, log=print) -> dict:
-    """Run the job; returns the final job report (the content of job.json)."""
+def run_job(
+    spec: JobSpec,
+    log=print,
+    approve: bool = False,
+    auto_approve_below: float | None = None,
+    retry_failed: bool = False,
+) -> dict:
+    """Run (or resume) the job; returns the final job report (the content of job.json).
+
+    A job quoted at or over the auto-approve limit (`auto_approve_below`, else the pricing
+    table's) is not run without `approve`: it is left `awaiting_approval` with its quote."""
     classes, models = spec.resolve_models()
+    pricing = load_pricing(spec.pricing)
     check_output_outside_inputs(spec.inputs, spec.output, spec.storage_options)
-    sources = list_sources(spec.inputs, spec.storage_options)
-    weights = {name: prepared_weights(entry) for name, entry in models.items()}
-
     job_root = join(spec.output, spec.job_id)
-    report = JobReport(job_root, spec.model_dump(mode="json"), spec.storage_options)
-    report.doc.update(classes=classes, models={n: e.source.model_dump(exclude_none=True) for n, e in models.items()})
-    log(f"veil job {spec.job_id}: {len(sources)} files, classes {', '.join(classes)} -> {job_root}")
-    report.set("processing", f"0 of {len(sources)} items", started_at=now_iso())
+    earlier = try_load_report(job_root, spec.storage_options)
+    if earlier and earlier.get("status") == "deleted":
+        raise SpecError(f"job-id: job {spec.job_id} was deleted; choose a new --job-id")
+    sources = list_sources(spec.inputs, spec.storage_options)
 
-    totals = Totals()
-    started = time.monotonic()
+    report = JobReport(job_root, spec.public_dict(), spec.storage_options, earlier=earlier)
+    report.doc.update(classes=classes, models={n: e.source.model_dump(exclude_none=True) for n, e in models.items()})
+    limit = auto_approve_below if auto_approve_below is not None else pricing.auto_approve_below
+    if limit is not None and not approve and not report.doc.get("approved_at"):
+        quote = quote_items(sources, pricing, classes, archive_options(spec), spec.storage_options)
+        report.doc["quote"] = quote
+        if quote["credits"] >= limit:
+            report.set("awaiting_approval", f"quoted {quote['credits']:g} credits, at or over the auto-approve "
+                       f"limit of {limit:g}: run again with --approve, or `veil approve {spec.job_id}`")
+            notify(report, spec, log)
+            return report.doc
+    report.doc["approved_at"] = report.doc.get("approved_at") or now_iso()
+
+    resume = resume_state(job_root, retry_failed, spec.storage_options) if earlier else ResumeState()
+    todo = [s for s in sources if s["item_id"] not in resume.finished]
+    weights = {name: prepared_weights(entry) for name, entry in models.items()}
+    note = f" ({len(resume.finished)} finished earlier)" if resume.finished else ""
+    log(f"veil job {spec.job_id}: {len(todo)} files{note}, classes {', '.join(classes)} -> {job_root}")
+    report.set("queued", f"{len(todo)} files to process{note}")
+
+    run_totals = Totals()
+    started, started_at = time.monotonic(), now_iso()
     try:
         with ray_session():
             res = plan_resources(spec)
             report.doc["resources"] = res.__dict__
-            if sources:
-                ds = build_dataset(spec, sources, classes, models, weights, job_root, res)
+            ledger = RemoteLedger(spec.max_credits, resume.charged) if spec.max_credits is not None else None
+            billing = Billing(pricing, classes, ledger)
+            report.set("processing", f"0 of {len(todo)} items{note}", started_at=started_at)
+            if todo:
+                ds = build_dataset(spec, todo, classes, models, weights, job_root, res, billing, resume.finished)
                 for stats in ds.iter_batches(batch_size=256, batch_format="numpy"):
-                    totals.add(stats)
-                    report.progress(totals, len(sources), started)
+                    run_totals.add(stats)
+                    report.progress(run_totals, len(todo), started, note)
+            if spec.repack == "zip":
+                report.doc["repack"] = repack(spec, sources, job_root)
     except BaseException as exc:
-        report.doc["totals"] = totals.as_dict()
-        report.set("failed", f"{type(exc).__name__}: {exc}"[:2000], finished_at=now_iso())
+        # Ctrl-C, or SIGTERM (Ray's driver handler turns it into SystemExit): the user stopped the job
+        cancelled = isinstance(exc, (KeyboardInterrupt, SystemExit))
+        report.doc["totals"] = run_totals.as_dict()
+        report.set("cancelled" if cancelled else "failed",
+                   "stopped by the user" if cancelled else f"{type(exc).__name__}: {exc}"[:2000],
+                   finished_at=now_iso())
+        notify(report, spec, log)
         raise
-    wall = time.monotonic() - started
+    finish(report, spec, pricing, run_totals, time.monotonic() - started, started_at)
+    notify(report, spec, log)
+    return report.doc
+
+
+def finish(report: JobReport, spec: JobSpec, pricing: Pricing, run: Totals, wall: float, started_at: str) -> None:
+    """Totals, credits and cost from the manifest (so a resumed job counts each item once)."""
+    totals = Totals.from_manifest(latest_rows(read_table(report.doc["outputs"]["root"], "images",
+                                                         spec.storage_options)))
+    credits = pricing.job_credits(totals.credits)
+    if spec.max_credits is not None:
+        credits = min(credits, spec.max_credits)  # the minimum per job never breaks the cap
     report.doc.update(
         totals=totals.as_dict(),
+        credits={"total": credits, "items": round(totals.credits, 6), "minimum_per_job": pricing.minimum_per_job,
+                 "max_credits": spec.max_credits},
+        cost=pricing.compute_cost(totals.cpu_s, totals.gpu_s, totals.by_status.get("done", 0)),
         wall_s=round(wall, 3),
-        throughput_img_s=round(totals.items / wall, 3) if wall > 0 else 0.0,
+        throughput_img_s=round(run.items / wall, 3) if wall > 0 else 0.0,
     )
-    report.set("done", "", finished_at=now_iso())
-    return report.doc
+    report.doc["runs"].append({"started_at": started_at, "finished_at": now_iso(), "items": run.items,
+                               "wall_s": round(wall, 3)})
+    over = totals.by_cause.get("BUDGET_EXCEEDED", 0)
+    description = (f"{over} items not processed: the --max-credits cap of {spec.max_credits:g} was reached "
+                   f"(resume with a higher cap to process them)") if over else ""
+    report.set("done", description, finished_at=now_iso())
+
+
+def repack(spec: JobSpec, sources: list[dict], job_root: str) -> list[dict]:
+    """--repack zip: the done members of each input archive (this run's and earlier ones')."""
+    archives = {s["source_url"]: s["rel_path"] for s in sources if s["kind"] == "archive"}
+    rows = latest_rows(read_table(job_root, "images", spec.storage_options))
+    rows = rows.select(["source_url", "member", "rel_path", "status", "output_url"]).to_pylist()
+    return repack_archives(members_by_archive(rows, archives), job_root, spec.storage_options)
+
+
+def notify(report: JobReport, spec: JobSpec, log=print) -> None:
+    """POST the report to the job's webhook (if any) and record the outcome in job.json."""
+    if not spec.webhook:
+        return
+    outcome = post_report(spec.webhook, report.doc, spec.web_auth_header_name, spec.web_auth_header_value)
+    hook = report.doc["webhook"]
+    hook["status"] = outcome["status"]
+    hook["events"] = [*hook.get("events", []), outcome][-20:]
+    report.save()
+    log(f"webhook {outcome['event']}: {outcome['status']} after {outcome['attempts']} attempt(s)"
+        + (f" ({outcome['error']})" if outcome["error"] else ""))

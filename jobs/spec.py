@@ -7,10 +7,11 @@ refused with the field's name and what is allowed.
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 from datetime import datetime, timezone
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -19,6 +20,7 @@ from models.detections import CLASSES
 from operators.anonymize import METHODS, AnonymizeOptions
 
 DEFAULT_CLASSES = ("face", "license_plate")  # the street-view default when no class flag is given
+SECRET_WORDS = ("secret", "key", "token", "password", "credential", "sas", "auth")
 
 
 class SpecError(ValueError):
@@ -37,6 +39,21 @@ class IgnoreArea(BaseModel):
     topLeftY: int = Field(ge=0)  # noqa: N815
     width: int = Field(gt=0)
     height: int = Field(gt=0)
+
+
+TileCount = Annotated[int, Field(ge=1, le=32)]
+TileOverlap = Annotated[float, Field(ge=0.0, le=0.5)]
+FORMAT_PRESETS = ("whole", "auto", "panorama")
+FORMAT_HELP = 'whole, auto, panorama or {"number": [nx, ny], "overlap": [ox, oy]}'
+
+
+class TileFormat(BaseModel):
+    """Celantur's tiling: nx x ny tiles (1..32 each), neighbours overlapping by a fraction 0..0.5
+    of a tile across and down."""
+
+    model_config = ConfigDict(extra="forbid")
+    number: tuple[TileCount, TileCount]
+    overlap: tuple[TileOverlap, TileOverlap] = (0.2, 0.2)
 
 
 class JobSpec(BaseModel):
@@ -76,6 +93,9 @@ class JobSpec(BaseModel):
     save_metadata: bool = Field(False, description="write metadata/<path>.json (always with method detect)")
     strip_metadata: Literal["none", "gps", "all"] = "none"
     quality: int = Field(90, ge=0, le=100, description="JPEG/WebP quality")
+    format: Literal["whole", "auto", "panorama"] | TileFormat = Field(
+        "auto", description="tiling: " + FORMAT_HELP + " (auto: the catalog's, panoramas recognised)"
+    )
     compress_level: int = Field(5, ge=0, le=9, description="PNG compression level")
 
     storage_options: dict = Field(default_factory=dict, description="fsspec options for remote URLs")
@@ -95,6 +115,47 @@ class JobSpec(BaseModel):
     max_member_bytes: int = Field(2 * 2**30, ge=1, description="largest uncompressed archive member, bytes")
     max_archive_bytes: int = Field(2**40, ge=1, description="most uncompressed bytes taken from one archive")
     max_compression_ratio: float = Field(100.0, gt=1.0, description="largest uncompressed/compressed ratio")
+    repack: Literal["none", "zip"] = Field("none", description="also write each input archive's anonymized members "
+                                                               "as one zip under OUTPUT/JOB_ID/archives/")
+
+    # --- credits, approval and notification (issue 7) ---
+    pricing: str | None = Field(None, description="pricing table file (YAML/JSON) laid over the default")
+    max_credits: float | None = Field(None, ge=0, description="hard cap on the credits the job may charge")
+    webhook: str | None = Field(None, description="URL that receives the job report (POST, JSON)")
+    web_auth_header_name: str | None = Field(None, pattern=r"^[A-Za-z0-9-]{1,64}$")
+    web_auth_header_value: str | None = Field(None, exclude=True, repr=False)  # a secret: never stored
+
+    @field_validator("webhook")
+    @classmethod
+    def _webhook_url(cls, v: str | None) -> str | None:
+        from urllib.parse import urlsplit
+
+        if v is not None and (urlsplit(v).scheme not in ("http", "https") or not urlsplit(v).netloc):
+            raise ValueError("must be an http:// or https:// URL")
+        return v
+
+    @field_validator("format", mode="before")
+    @classmethod
+    def _format(cls, v: object) -> object:
+        """One readable error naming the sub-field, instead of one per branch of the union; a JSON
+        object may come as text (a flag, an API form field)."""
+        if isinstance(v, str) and v.lstrip().startswith("{"):
+            try:
+                v = json.loads(v)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not valid JSON ({exc.msg}); expected {FORMAT_HELP}") from None
+        if isinstance(v, str):
+            if v.strip().lower() not in FORMAT_PRESETS:
+                raise ValueError(f"must be {FORMAT_HELP}")
+            return v.strip().lower()
+        if isinstance(v, dict):
+            try:
+                return TileFormat.model_validate(v)
+            except ValidationError as exc:
+                raise ValueError(_tile_errors(exc)) from None
+        if isinstance(v, TileFormat):
+            return v
+        raise ValueError(f"must be {FORMAT_HELP}")
 
     @field_validator("job_id")
     @classmethod
@@ -109,6 +170,15 @@ class JobSpec(BaseModel):
             raise ValueError("score draws scores on the debug boxes: give debug too")
         return self
 
+    def public_dict(self) -> dict:
+        """The spec as stored in job.json: secrets left out (passwords and the webhook header value
+        are excluded fields; storage option values that look like credentials are masked)."""
+        doc = self.model_dump(mode="json")
+        doc["storage_options"] = {
+            k: ("***" if any(w in k.lower() for w in SECRET_WORDS) else v) for k, v in self.storage_options.items()
+        }
+        return doc
+
     def anonymize_options(self) -> AnonymizeOptions:
         feathered = ("face", "license_plate")
         return AnonymizeOptions(
@@ -119,6 +189,10 @@ class JobSpec(BaseModel):
             gradient_stop={c: getattr(self, f"{c}_anonymization_gradient_stop") for c in feathered},
             ignores=[(a.topLeftX, a.topLeftY, a.width, a.height) for a in self.ignores],
         )
+
+    def detect_format(self) -> str | dict:
+        """`format` as the Detector takes it: a preset name or {"number": [..], "overlap": [..]}."""
+        return self.format if isinstance(self.format, str) else self.format.model_dump(mode="json")
 
     def thresholds(self) -> dict[str, float]:
         return {c: getattr(self, f"{c}_threshold") for c in CLASSES}
@@ -159,6 +233,16 @@ def build_spec(fields: dict) -> JobSpec:
         return JobSpec.model_validate(fields)
     except ValidationError as exc:
         raise SpecError(_describe(exc)) from None
+
+
+def _tile_errors(exc: ValidationError) -> str:
+    """Errors of a tile grid as `format.number[0]: ...`, with what is allowed."""
+    lines = []
+    for err in exc.errors():
+        name = "format." + str(err["loc"][0]) + "".join(f"[{p}]" for p in err["loc"][1:])
+        got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+        lines.append(f"{name}: {err['msg']}{got}")
+    return "; ".join(lines) + " -- number: [nx, ny] tiles, 1..32 each; overlap: [ox, oy], a fraction 0..0.5 of a tile"
 
 
 def _describe(exc: ValidationError) -> str:

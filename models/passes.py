@@ -11,6 +11,7 @@ measured here to beat a plain NMS union for faces at several scales) or by a max
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import cv2
@@ -31,15 +32,19 @@ class View:
     inner: tuple[bool, bool, bool, bool] = (False, False, False, False)  # left, top, right, bottom edge is inner
 
 
-def tile_windows(width: int, height: int, nx: int, ny: int, overlap: float) -> list[tuple[int, int, int, int]]:
+Overlap = float | tuple[float, float]  # one fraction for both axes, or (across, down)
+
+
+def tile_windows(width: int, height: int, nx: int, ny: int, overlap: Overlap) -> list[tuple[int, int, int, int]]:
     """An nx x ny grid of windows covering the image, neighbours overlapping by `overlap` of a tile."""
-    tw = width / (nx - (nx - 1) * overlap) if nx > 1 else width
-    th = height / (ny - (ny - 1) * overlap) if ny > 1 else height
+    ox, oy = overlap if isinstance(overlap, tuple) else (overlap, overlap)
+    tw = width / (nx - (nx - 1) * ox) if nx > 1 else width
+    th = height / (ny - (ny - 1) * oy) if ny > 1 else height
     out = []
     for j in range(ny):
         for i in range(nx):
-            x0 = round(i * tw * (1 - overlap))
-            y0 = round(j * th * (1 - overlap))
+            x0 = round(i * tw * (1 - ox))
+            y0 = round(j * th * (1 - oy))
             out.append((x0, y0, min(width, round(x0 + tw)), min(height, round(y0 + th))))
     return out
 
@@ -55,7 +60,14 @@ def grid_for(width: int, height: int, tile: int, overlap: float) -> tuple[int, i
     return count(width), count(height)
 
 
-def tiled_views(image: int, width: int, height: int, nx: int, ny: int, overlap: float,
+def panorama_grid(width: int, height: int, overlap: float) -> tuple[int, int] | None:
+    """One row of square tiles as tall as the image (a 2:1 panorama in a square-input model would
+    leave most of the input to letterbox padding), or None when the image is not wider than tall."""
+    nx = grid_for(width, height, height, overlap)[0]
+    return (nx, 1) if nx > 1 else None
+
+
+def tiled_views(image: int, width: int, height: int, nx: int, ny: int, overlap: Overlap,
                 pass_id: int, factor: float = 1.0) -> list[View]:
     views = []
     for k, (x0, y0, x1, y1) in enumerate(tile_windows(width, height, nx, ny, overlap)):
@@ -139,21 +151,119 @@ def combine_passes(per_pass: list[Detections], mode: str = "mean", iou: float = 
     return out
 
 
+CROP_MERGE_GROWTH = 1.25  # two crops become one when that costs at most 20 % of the zoom
+
+
 def vehicle_crop_views(vehicles: Detections, width: int, height: int, model_side: int,
                        max_factor: float, pass_id: int, image: int, min_side: int = 24) -> list[View]:
     """Windows around each vehicle for a second plate search: the box grown by 10 %, then grown
     further (centred) until upscaling it to `model_side` needs at most `max_factor`, so a far
     car is searched at up to that zoom and never blown up into mush."""
-    views = []
     least = model_side / max_factor
-    for k, (x1, y1, x2, y2) in enumerate(vehicles.boxes):
+    windows = []
+    for x1, y1, x2, y2 in vehicles.boxes:
         if min(x2 - x1, y2 - y1) < min_side:
             continue
         cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
         half = max((x2 - x1) * 1.1, (y2 - y1) * 1.1, least) / 2
-        wx0, wy0 = int(max(0, cx - half)), int(max(0, cy - half))
-        wx1, wy1 = int(min(width, cx + half)), int(min(height, cy + half))
+        windows.append((max(0.0, cx - half), max(0.0, cy - half), min(width, cx + half), min(height, cy + half)))
+    views = []
+    for k, (wx0, wy0, wx1, wy1) in enumerate(merge_windows(windows)):
         side = max(wx1 - wx0, wy1 - wy0)
         factor = min(max_factor, model_side / max(side, 1))
-        views.append(View(image, (wx0, wy0, wx1, wy1), float(factor), pass_id, 1000 + k))
+        views.append(View(image, (int(wx0), int(wy0), int(wx1), int(wy1)), float(factor), pass_id, 1000 + k))
     return views
+
+
+def merge_windows(windows: list[tuple], growth: float = CROP_MERGE_GROWTH) -> list[tuple]:
+    """Join crop windows whose union is at most `growth` times the larger one's side: a row of
+    parked cars is searched in a few crops instead of one per car, at nearly the same zoom."""
+    merged = list(windows)
+    changed = True
+    while changed:
+        changed = False
+        for i in range(len(merged)):
+            for j in range(i + 1, len(merged)):
+                a, b = merged[i], merged[j]
+                u = (min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3]))
+                if max(u[2] - u[0], u[3] - u[1]) <= growth * max(a[2] - a[0], a[3] - a[1], b[2] - b[0], b[3] - b[1]):
+                    merged[i] = u
+                    del merged[j]
+                    changed = True
+                    break
+            if changed:
+                break
+    return merged
+
+
+# --- The panorama seam ----------------------------------------------------------------------------
+# The left and right edges of an equirectangular panorama are the same meridian: an object standing
+# on it is cut into two halves that no model recognises. The detection copy is extended on the right
+# by a strip copied from its left edge, so the object is whole once; boxes then go back modulo the
+# width, and one that crosses the seam becomes two, one at each edge.
+
+SEAM_STRIP = 1 / 8  # of the width: 45 degrees of view, wider than a face or a plate next to the camera
+SEAM_TILE = -2  # `tiles` value of both halves of a box split at the seam (they share class and score)
+SLIVER_PX = 1.0
+
+
+def seam_strip(width: int) -> int:
+    """Width in px of the strip appended to a panorama `width` px wide."""
+    return max(1, math.ceil(width * SEAM_STRIP))
+
+
+def wrap_seam(img: np.ndarray, strip: int) -> np.ndarray:
+    """The image with a copy of its first `strip` columns appended on the right."""
+    return np.concatenate([img, img[:, :strip]], axis=1)
+
+
+def unwrap_seam(dets: Detections, width: int, strip: int, iou: float = 0.4) -> Detections:
+    """Detections on a wrapped copy -> the panorama's own pixels.
+
+    Boxes cut by an outer edge of the copy whose object the copy also holds whole are dropped (as
+    with tiles): at x = 0 (the seam; the strip holds it) and at the strip's end (the left edge holds
+    it). Boxes inside the strip move back by `width`, and what the left edge and the strip both
+    found becomes one detection (NMS). A box across the seam becomes its two halves; they are kept
+    out of that NMS: halves of neighbours all start at x = 0 and overlap more than the whole boxes
+    did (which NMS on the wrapped copy has already judged)."""
+    if len(dets) == 0:
+        return dets
+    b = dets.boxes
+    cut_at_seam = (b[:, 0] <= EDGE_PX) & (b[:, 2] < strip - EDGE_PX)
+    cut_at_end = (b[:, 2] >= width + strip - EDGE_PX) & (b[:, 0] >= width)
+    dets = dets.select(~(cut_at_seam | cut_at_end))
+    b = dets.boxes
+    stay = b[:, 2] <= width + SLIVER_PX  # a box past the seam by a sliver is not split in two
+    moved = ~stay & (b[:, 0] >= width - SLIVER_PX)
+    kept, back = dets.select(stay), dets.select(moved).scaled(1, 1, -width, 0)
+    kept.boxes[:, 2] = np.minimum(kept.boxes[:, 2], width)
+    back.boxes[:, 0] = np.maximum(back.boxes[:, 0], 0)
+    once = merge_per_class(Detections.concat([kept, back]), iou)
+    return Detections.concat([once, *split_at_seam(dets.select(~stay & ~moved), width)])
+
+
+def split_at_seam(across: Detections, width: int) -> tuple[Detections, Detections]:
+    """(right halves, left halves) of boxes that cross x = `width`, in the panorama's pixels.
+
+    Each half carries an outline: the object's own, else the ellipse inscribed in the whole box,
+    cut at the seam. Without it the anonymizer would draw the ellipse of each half box, which is
+    thinnest exactly at the seam, where the object's centre is."""
+    right, left = across.select(np.arange(len(across))), across.scaled(1, 1, -width, 0)
+    right.boxes[:, 2] = width
+    left.boxes[:, 0] = 0
+    for k, box in enumerate(across.boxes):
+        outline = np.asarray(across.polygons[k] or ellipse_outline(box), np.float32).reshape(-1, 2)
+        right.polygons[k] = np.column_stack([outline[:, 0].clip(max=width), outline[:, 1]]).ravel().tolist()
+        left.polygons[k] = np.column_stack([(outline[:, 0] - width).clip(min=0), outline[:, 1]]).ravel().tolist()
+    right.tiles = np.full(len(across), SEAM_TILE, np.int16)
+    left.tiles = np.full(len(across), SEAM_TILE, np.int16)
+    return right, left
+
+
+def ellipse_outline(box: np.ndarray, points: int = 32) -> list[float]:
+    """The ellipse inscribed in an x1 y1 x2 y2 box as a flat [x0, y0, x1, y1, ...] polygon."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    t = np.linspace(0, 2 * np.pi, points, endpoint=False)
+    xs = (x1 + x2) / 2 + (x2 - x1) / 2 * np.cos(t)
+    ys = (y1 + y2) / 2 + (y2 - y1) / 2 * np.sin(t)
+    return np.column_stack([xs, ys]).ravel().tolist()

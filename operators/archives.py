@@ -224,6 +224,21 @@ def read_member(
     return data
 
 
+def read_member_head(row: dict, n: int, storage_options: dict | None = None, password: str = "") -> bytes:
+    """About the first `n` bytes of a member (image headers, for quotes). A zip member is
+    decompressed only as far as needed through the readahead file; other formats (solid blocks,
+    RAR tools, nested archives) cannot stop early and read the whole member."""
+    if row.get("data"):
+        return row["data"][:n]
+    if NEST not in row["member"]:
+        options = ArchiveOptions(password=password, storage_options=dict(storage_options or {}))
+        with _CACHE_LOCK:
+            handle = _cached(row["source_url"], options).handle
+            if hasattr(handle, "read_head"):
+                return handle.read_head(row["member"], n)
+    return read_member(row, storage_options, password)[:n]
+
+
 def open_backend(fmt: str, src, password: str = "", fetch=None):
     """The reader for `fmt` over `src` (a seekable file, or a local path for RAR). A zip whose
     central directory cannot be read is walked by its local headers instead (ScannedZip)."""

@@ -40,6 +40,10 @@ IMAGES_SCHEMA = pa.schema([
     ("t_detect_ms", pa.float64()),
     ("t_anonymize_ms", pa.float64()),
     ("t_write_ms", pa.float64()),
+    ("cpu_prepare_ms", pa.float64()),  # CPU time spent on the item per stage (the compute cost)
+    ("cpu_detect_ms", pa.float64()),
+    ("cpu_write_ms", pa.float64()),
+    ("gpu_detect_ms", pa.float64()),   # GPU time held while detecting (0 on CPU)
     ("processed_at", pa.timestamp("ms", tz="UTC")),
 ])
 
@@ -61,17 +65,31 @@ DETECTIONS_SCHEMA = pa.schema([
 ])
 
 
-def write_part(job_root: str, table_name: str, rows: list[dict], schema: pa.Schema,
-               storage_options: dict | None = None) -> str | None:
+def new_part_name() -> str:
+    """One name per writer batch, shared by its images and detections parts (resume pairs them)."""
+    return f"part-{uuid.uuid4().hex}.parquet"
+
+
+def write_part(job_root: str, table_name: str, rows: list[dict] | pa.Table, schema: pa.Schema,
+               storage_options: dict | None = None, part: str | None = None) -> str | None:
     """Write `rows` as one Parquet part under JOB_ROOT/manifest/TABLE/; returns its URL."""
-    if not rows:
+    if not len(rows):
         return None
-    table = pa.Table.from_pylist(rows, schema=schema)
+    table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows, schema=schema)
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
-    url = join(job_root, "manifest", table_name, f"part-{uuid.uuid4().hex}.parquet")
+    url = join(job_root, "manifest", table_name, part or new_part_name())
     write_atomic(url, buf.getvalue(), storage_options)
     return url
+
+
+def part_urls(job_root: str, table_name: str, storage_options: dict | None = None) -> dict[str, str]:
+    """{part file name: path} of one manifest table."""
+    from operators.storage import filesystem
+
+    fs, path = filesystem(join(job_root, "manifest", table_name), storage_options)
+    parts = fs.glob(path + "/part-*.parquet") if fs.exists(path) else []
+    return {p.rsplit("/", 1)[-1]: p for p in sorted(parts)}
 
 
 def read_table(job_root: str, table_name: str, storage_options: dict | None = None) -> pa.Table:

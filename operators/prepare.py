@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from operators.budget import Billing
 from operators.items import format_from_name, sniff_format
 from operators.orientation import upright
 from operators.storage import read_bytes
@@ -38,15 +39,22 @@ def prepare_batch(
     storage_options: dict | None = None,
     det_max_side: int = DEFAULT_DET_MAX_SIDE,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    billing: Billing | None = None,
 ) -> dict[str, np.ndarray]:
     """Adds data, format, width, height, orientation, det (RGB bytes), det_w, det_h, status,
-    failure_cause, error and timings to a batch of listed items."""
+    failure_cause, error, credits and timings to a batch of listed items. With a ledger in
+    `billing`, each readable image reserves its credits before it goes on to detection."""
+    cpu0 = time.process_time()
     n = len(batch["item_id"])
     out: dict[str, list] = {k: [] for k in PREPARED_COLUMNS}
     for i in range(n):
         row = {k: batch[k][i] for k in batch}
         for key, value in prepare_item(row, storage_options, det_max_side, max_pixels).items():
             out[key].append(value)
+    if billing is not None:
+        charge(out, [str(x) for x in batch["item_id"]], billing)
+    # CPU time of this worker process, shared evenly: the compute cost of the stage per item
+    out["cpu_prepare_ms"] = [(time.process_time() - cpu0) * 1e3 / max(n, 1)] * n
     result = {k: np.asarray(v) for k, v in batch.items()}
     for key, values in out.items():
         result[key] = _column(values)
@@ -55,14 +63,31 @@ def prepare_batch(
 
 PREPARED_COLUMNS = (
     "data", "format", "width", "height", "orientation", "det", "det_w", "det_h",
-    "status", "failure_cause", "error", "t_read_ms", "t_decode_ms",
+    "status", "failure_cause", "error", "credits", "t_read_ms", "t_decode_ms", "cpu_prepare_ms",
 )
+
+
+def charge(out: dict[str, list], item_ids: list[str], billing: Billing) -> None:
+    """Price each readable image; with a ledger, reserve the credits and skip what the cap refuses
+    (BUDGET_EXCEEDED: the item is not detected nor written, and costs nothing)."""
+    pending = [i for i, s in enumerate(out["status"]) if s == "pending"]
+    for i in pending:
+        out["credits"][i] = billing.credits(out["width"][i], out["height"][i])
+    if billing.ledger is None or not pending:
+        return
+    granted = billing.ledger.reserve([(item_ids[i], out["credits"][i]) for i in pending])
+    for i, ok in zip(pending, granted, strict=True):
+        if not ok:
+            out["status"][i], out["failure_cause"][i] = "skipped", "BUDGET_EXCEEDED"
+            out["error"][i] = f"not processed: {out['credits'][i]} more credits would pass --max-credits"
+            out["credits"][i], out["data"][i], out["det"][i] = 0.0, b"", b""
 
 
 def prepare_item(row: dict, storage_options: dict | None, det_max_side: int, max_pixels: int) -> dict:
     result = dict.fromkeys(PREPARED_COLUMNS)
     result.update(data=b"", det=b"", format="", width=0, height=0, orientation=1, det_w=0, det_h=0,
-                  status="pending", failure_cause="", error="", t_read_ms=0.0, t_decode_ms=0.0)
+                  status="pending", failure_cause="", error="", credits=0.0, t_read_ms=0.0, t_decode_ms=0.0,
+                  cpu_prepare_ms=0.0)
     if str(row.get("status") or "") in ("failed", "skipped"):  # decided upstream (archive expand)
         result.update(status=str(row["status"]), failure_cause=str(row.get("failure_cause") or ""),
                       error=str(row.get("error") or ""))

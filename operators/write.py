@@ -11,6 +11,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Any
 
 import cv2
 import numpy as np
@@ -18,7 +19,7 @@ import numpy as np
 from models.detections import CLASSES, Detections
 from operators.anonymize import AnonymizeOptions, anonymize, draw_debug
 from operators.codecs import decode_full, encode, strip_jpeg_metadata, with_original_metadata
-from operators.manifest import DETECTIONS_SCHEMA, IMAGES_SCHEMA, write_part
+from operators.manifest import DETECTIONS_SCHEMA, IMAGES_SCHEMA, new_part_name, write_part
 from operators.storage import join, write_atomic
 
 
@@ -36,6 +37,7 @@ class WriteOptions:
     save_metadata: bool = False  # metadata/<rel>.json (always with method detect)
     strip_metadata: str = "none"  # none | gps | all
     storage_options: dict | None = None
+    ledger: Any = None  # the job's CreditLedger when --max-credits is set: failed items give credits back
 
     @property
     def method(self) -> str:
@@ -43,20 +45,36 @@ class WriteOptions:
 
 
 def write_batch(batch: dict[str, np.ndarray], options: WriteOptions) -> dict[str, np.ndarray]:
-    """Writes the batch's images and its manifest parts; returns one small stats row per item."""
-    image_rows, det_rows = [], []
+    """Writes the batch's images and its manifest parts; returns one small stats row per item.
+
+    The detections part is written before the images part: an item counts as done once its
+    images row exists, so a job killed in between redoes the item (resume drops the orphans)."""
+    cpu0 = time.process_time()
+    image_rows, det_rows, given_back = [], [], []
     for i in range(len(batch["item_id"])):
         row = {k: batch[k][i] for k in batch}
         image_row, dets, anonymised = write_item(row, options)
         image_rows.append(image_row)
         det_rows.extend(detection_rows(image_row, dets, anonymised))
-    write_part(options.job_root, "images", image_rows, IMAGES_SCHEMA, options.storage_options)
-    write_part(options.job_root, "detections", det_rows, DETECTIONS_SCHEMA, options.storage_options)
+        reserved = float(row.get("credits", 0.0) or 0.0)
+        if image_row["status"] != "done" and reserved:
+            given_back.append((image_row["item_id"], reserved))
+    if given_back and options.ledger is not None:
+        options.ledger.release(given_back)
+    cpu_ms = (time.process_time() - cpu0) * 1e3 / max(len(image_rows), 1)
+    for r in image_rows:
+        r["cpu_write_ms"] = cpu_ms
+    part = new_part_name()
+    write_part(options.job_root, "detections", det_rows, DETECTIONS_SCHEMA, options.storage_options, part)
+    write_part(options.job_root, "images", image_rows, IMAGES_SCHEMA, options.storage_options, part)
     stats = {
         "status": [r["status"] for r in image_rows],
         "failure_cause": [r["failure_cause"] or "" for r in image_rows],
         "anonymized": [r["anonymized"] for r in image_rows],
         "megapixels": [r["width"] * r["height"] / 1e6 for r in image_rows],
+        "credits": [r["credits"] for r in image_rows],
+        "cpu_ms": [r["cpu_prepare_ms"] + r["cpu_detect_ms"] + r["cpu_write_ms"] for r in image_rows],
+        "gpu_ms": [r["gpu_detect_ms"] for r in image_rows],
         **{f"n_{c}": [r[f"n_{c}"] for r in image_rows] for c in CLASSES},
     }
     return {k: np.asarray(v) for k, v in stats.items()}
@@ -106,6 +124,7 @@ def write_item(row: dict, options: WriteOptions) -> tuple[dict, Detections, np.n
         output_url=output_url,
         bytes_out=len(out) if out is not None else 0,
         anonymized=bool(anonymised.any()),
+        credits=float(row.get("credits", 0.0) or 0.0),
         t_anonymize_ms=(t1 - t0) * 1e3,
         t_write_ms=(time.perf_counter() - t1) * 1e3,
         **{f"n_{c}": int(np.sum(dets.classes == k)) for k, c in enumerate(CLASSES)},
@@ -178,6 +197,10 @@ def _image_row(row: dict, options: WriteOptions) -> dict:
         "t_detect_ms": float(row.get("t_detect_ms", 0.0)),
         "t_anonymize_ms": 0.0,
         "t_write_ms": 0.0,
+        "cpu_prepare_ms": float(row.get("cpu_prepare_ms", 0.0)),
+        "cpu_detect_ms": float(row.get("cpu_detect_ms", 0.0)),
+        "cpu_write_ms": 0.0,
+        "gpu_detect_ms": float(row.get("gpu_detect_ms", 0.0)),
         "processed_at": datetime.now(timezone.utc),
     }
 

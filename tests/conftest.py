@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from operators.storage import filesystem
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("VEIL_SHARED", REPO.parent / "shared"))
 
@@ -60,7 +62,7 @@ def ray_local():
     """One local Ray for the whole test session (2 CPUs, like CI's machine)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
 
@@ -89,3 +91,17 @@ def s3fs_client(s3_endpoint):
 
     fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, key="testing", secret="testing", skip_instance_cache=True)
     return fs
+
+
+def count_s3_get_bytes(opts: dict) -> dict:
+    """Count the body bytes of every GetObject the shared s3fs client makes (botocore events)."""
+    fs, _ = filesystem("s3://x", opts)
+    fs.connect()
+    seen = {"bytes": 0, "calls": 0}
+
+    def after_get(http_response=None, parsed=None, **_):
+        seen["calls"] += 1
+        seen["bytes"] += int((parsed or {}).get("ContentLength") or 0)
+
+    fs.s3.meta.events.register("after-call.s3.GetObject", after_get)
+    return seen

@@ -357,6 +357,7 @@ def test_job_over_mixed_input(ray_local, faces, tmp_path):
             "job_id": "mixed",
             "face": True,
             "detect_actors": 1,
+            "repack": "zip",
         }
     )
     doc = run_job(spec, log=lambda *_: None)
@@ -379,6 +380,20 @@ def test_job_over_mixed_input(ray_local, faces, tmp_path):
     }
     assert written == {k for k, v in got.items() if v[0] == "done"}
     assert not (tmp_path / "escape.jpg").exists() and not (out / "escape.jpg").exists()
+
+    # --repack zip: one zip per input archive with its done members, byte-equal to the written images
+    repacked = {r["archive"]: r for r in doc["repack"]}
+    assert set(repacked) == {"batch/drive.zip", "batch/solid.7z", "rar/komga-rar4-images.rar",
+                             "rar/komga-rar4-solid-images.rar"}
+    for archive, entry in repacked.items():
+        with zipfile.ZipFile(entry["url"]) as z:
+            names = sorted(z.namelist())
+            inside = [k[len(archive) + 1:] for k, v in got.items() if k.startswith(archive + "/") and v[0] == "done"]
+            expected = sorted(inside)
+            assert names == expected and entry["members"] == len(names)
+            for name in names:
+                assert z.read(name) == (out / "mixed/images" / archive / name).read_bytes()
+    assert repacked["batch/solid.7z"]["url"].endswith("archives/batch/solid.7z.zip")
 
 
 def test_archive_flags_reach_the_spec_and_the_password_stays_out_of_job_json(tmp_path):

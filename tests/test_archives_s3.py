@@ -7,11 +7,10 @@ import subprocess
 import zipfile
 
 import pytest
-from conftest import SHARED
+from conftest import SHARED, count_s3_get_bytes
 
 from operators.archives import _CACHE, ArchiveOptions, expand_archive, read_member
 from operators.sources import list_sources
-from operators.storage import filesystem
 
 RAR = SHARED / "fixtures" / "rar"
 
@@ -22,20 +21,6 @@ def bucket(s3fs_client, s3_endpoint, request):
     s3fs_client.mkdir(name)
     opts = {"endpoint_url": s3_endpoint, "key": "testing", "secret": "testing"}
     return name, opts
-
-
-def _count_get_bytes(opts: dict) -> dict:
-    """Count the body bytes of every GetObject the shared s3fs client makes (botocore events)."""
-    fs, _ = filesystem("s3://x", opts)
-    fs.connect()
-    seen = {"bytes": 0, "calls": 0}
-
-    def after_get(http_response=None, parsed=None, **_):
-        seen["calls"] += 1
-        seen["bytes"] += int((parsed or {}).get("ContentLength") or 0)
-
-    fs.s3.meta.events.register("after-call.s3.GetObject", after_get)
-    return seen
 
 
 def test_one_member_of_a_large_zip_is_a_small_ranged_read(photos, s3fs_client, bucket, tmp_path):
@@ -49,7 +34,7 @@ def test_one_member_of_a_large_zip_is_a_small_ranged_read(photos, s3fs_client, b
             z.write(faces[i % 3], f"cam/{i:02d}.jpg")
     s3fs_client.put(str(archive), f"{name}/in/big.zip")
     size = archive.stat().st_size
-    seen = _count_get_bytes(opts)
+    seen = count_s3_get_bytes(opts)
     _CACHE.clear()
 
     (row,) = list_sources([f"s3://{name}/in/big.zip"], opts)
@@ -109,9 +94,11 @@ def test_job_over_mixed_input_on_s3(ray_local, s3fs_client, bucket, photos, tmp_
             "face": True,
             "detect_actors": 1,
             "storage_options": opts,
+            "repack": "zip",
         }
     )
-    assert run_job(spec, log=lambda *_: None)["status"] == "done"
+    doc = run_job(spec, log=lambda *_: None)
+    assert doc["status"] == "done"
     rows = read_table(f"s3://{name}/out/s3mix", "images", opts).to_pylist()
     got = {(r["rel_path"], r["member"]): (r["status"], r["failure_cause"] or "") for r in rows}
     assert got == {
@@ -122,3 +109,9 @@ def test_job_over_mixed_input_on_s3(ray_local, s3fs_client, bucket, photos, tmp_
         **{(f"r.rar/komga-{i}.png", f"komga-{i}.png"): ("done", "") for i in (1, 2, 3)},
     }
     assert s3fs_client.exists(f"{name}/out/s3mix/images/s.7z/{faces[0].name}")
+    # archive in, archive out, on the object store too
+    assert sorted(r["url"] for r in doc["repack"]) == [f"s3://{name}/out/s3mix/archives/{a}.zip"
+                                                       for a in ("d", "r.rar", "s.7z")]
+    with s3fs_client.open(f"{name}/out/s3mix/archives/s.7z.zip", "rb") as f, zipfile.ZipFile(f) as z:
+        assert sorted(z.namelist()) == sorted(p.name for p in faces)
+        assert z.read(faces[0].name) == s3fs_client.cat(f"{name}/out/s3mix/images/s.7z/{faces[0].name}")

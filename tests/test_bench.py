@@ -7,9 +7,14 @@ import json
 from jobs.bench import format_bench, run_bench
 
 
-def test_bench_reports_all_runs(photos, ray_local, tmp_path):
-    folder, _ = photos("faces", 4)
-    result = run_bench(str(folder), {"face": True}, str(tmp_path / "bench.json"), peer=False)
+def test_bench_reports_all_runs(photos, ray_local, tmp_path, shared_dir, eval_annotations):
+    folder, _ = photos("faces", 2)
+    empty = tmp_path / "empty"  # COCO photos with no person or vehicle: nothing to anonymize
+    empty.mkdir()
+    for im in [im for im in eval_annotations("coco")["images"] if not im["boxes"]][:2]:
+        (empty / im["file"].split("/")[-1]).write_bytes((shared_dir / "eval/coco" / im["file"]).read_bytes())
+    result = run_bench(str(folder), {"face": True}, str(tmp_path / "bench.json"), peer=False, repeat=2,
+                       pass_through_dir=str(empty))
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["ratios"] == result["ratios"]
     for run in ("pipeline", "bare", "codec"):
@@ -17,4 +22,6 @@ def test_bench_reports_all_runs(photos, ray_local, tmp_path):
     assert result["pipeline"]["detections"]["face"] >= 10
     assert result["pipeline"]["peak_rss_mb"]["total"] > 0
     assert set(result["pipeline"]["stage_ms_per_item"]) >= {"t_decode_ms", "t_detect_ms", "t_write_ms"}
-    assert "pipeline/bare" in format_bench(result)
+    assert "pipeline/bare" in format_bench(result) and "pass-through/full" in format_bench(result)
+    assert result["pipeline"]["items"] == 4 and result["pass_through"]["items"] == 4  # --repeat 2
+    assert result["ratios"]["pass_through_write_stage_speedup"] > 1

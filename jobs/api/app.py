@@ -1,0 +1,114 @@
+"""The FastAPI application: one router per seed API shape over one shared Service.
+
+`create_app(ServiceConfig(...))` is all a host needs: uvicorn (`veil serve`), several replicas
+behind a load balancer (they share nothing but the storage), or Ray Serve (see the README).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from jobs.api import celantur_container, celantur_v1, faceblurest
+from jobs.api.errors import install_handlers
+from jobs.api.service import Service, ServiceConfig
+
+log = logging.getLogger("veil.serve")
+
+# Each API shape is a router; Celantur v2 and Syntonym (part 2) are added here the same way, with
+# their error shape in errors.SHAPES and their credential check in auth (Syntonym: Auth.check_api_key).
+ROUTERS = (celantur_v1.router, celantur_container.router, faceblurest.router)
+
+
+class AccessLog:
+    """One line per request: method, path, status, time. Never the query string (a webhook's auth
+    header value may travel there) nor any header (tokens, Basic credentials, API keys)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        seen = {"status": 500}
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                seen["status"] = message["status"]
+            await send(message)
+
+        t0 = time.perf_counter()
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            log.info("%s %s %d %.0f ms", scope["method"], scope["path"][:200], seen["status"],
+                     (time.perf_counter() - t0) * 1e3)
+
+
+def create_app(config: ServiceConfig | None = None) -> FastAPI:
+    config = config or ServiceConfig()
+    service = Service(config)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if config.warm_classes:  # load the models before the first caller has to wait for them
+            from jobs.spec import build_spec
+
+            spec = build_spec({"inputs": ["-"], "output": "-", **{c: True for c in config.warm_classes}})
+            await asyncio.to_thread(service.processor.warm_up, spec)
+        yield
+        service.close()
+
+    app = FastAPI(
+        title="veil service",
+        version="1",
+        summary="The seed anonymization APIs (Celantur v1, Celantur container, FaceBlurest) over veil's pipeline",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    install_handlers(app)
+    for router in ROUTERS:
+        app.include_router(router)
+
+    @app.get("/health", tags=["service"], summary="Liveness (no credentials needed)")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    app.add_middleware(AccessLog)
+    if service.auth.secret_generated:
+        log.warning("no `secret` in the users file: access tokens are signed with a key made at start-up; they "
+                    "end with this process and other replicas refuse them")
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """The app configured from VEIL_SERVICE_* variables: for hosts that build the app themselves,
+    in each replica (`uvicorn --factory jobs.api.app:app_from_env --workers 4`, Ray Serve's
+    `@serve.ingress(app_from_env)`). STORAGE, USERS, MAX_UPLOAD_MB, WORKERS, WEBHOOK_HOSTS
+    (comma-separated), ALLOW_URL_FETCH (1), DEVICE, WARM (classes, comma-separated)."""
+    import os
+
+    from jobs.api.tasks import DEFAULT_STORAGE
+
+    env = {k[len("VEIL_SERVICE_"):]: v for k, v in os.environ.items() if k.startswith("VEIL_SERVICE_")}
+    if not logging.getLogger().handlers and not log.handlers:  # our access log, when the host set up none
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+    hosts = env.get("WEBHOOK_HOSTS")
+    return create_app(ServiceConfig(
+        storage=env.get("STORAGE", DEFAULT_STORAGE),
+        users_file=env.get("USERS"),
+        max_upload_bytes=int(float(env.get("MAX_UPLOAD_MB", "10")) * 2**20),
+        workers=int(env.get("WORKERS", "2")),
+        webhook_hosts=tuple(h.strip() for h in hosts.split(",") if h.strip()) if hosts is not None else None,
+        allow_url_fetch=env.get("ALLOW_URL_FETCH", "") in ("1", "true", "yes"),
+        device=env.get("DEVICE", "auto"),
+        warm_classes=tuple(c.strip().replace("-", "_") for c in env.get("WARM", "face,license-plate").split(",")
+                           if c.strip()),
+    ))

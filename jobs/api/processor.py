@@ -1,0 +1,117 @@
+"""One image, in-process: the pipeline's own operators (prepare -> detect -> write) without Ray.
+
+A job runs these stages as Ray Data map_batches over many items; a synchronous API call has one
+image and must answer in a second or so, so it runs the same functions here on a one-row batch
+(the approach of `jobs/bench.py`'s bare loop). Model sessions are loaded once per server process
+and shared by every request and worker thread (ONNX Runtime sessions are safe to run
+concurrently); the per-request settings (classes, thresholds, tiling) make a fresh, cheap
+`Detector` around them.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from jobs.spec import JobSpec
+from models.adapters import adapter_class
+from models.catalog import ModelEntry
+from models.detections import CLASSES, Detections
+from models.fetch import prepared_weights
+from operators.detect import Detector
+from operators.prepare import prepare_item
+from operators.storage import join
+from operators.write import WriteOptions, write_item
+
+
+@dataclass
+class Processed:
+    """What a task records about its image: the manifest row's essentials and the detections."""
+
+    status: str  # done | failed
+    failure_cause: str | None
+    error: str | None
+    format: str | None
+    width: int
+    height: int
+    detections: Detections
+    anonymised: np.ndarray  # per detection: whether its pixels were changed
+
+    def counts(self) -> dict[str, int]:
+        return {c: int(np.sum(self.detections.classes == k)) for k, c in enumerate(CLASSES)}
+
+
+class ImageProcessor:
+    def __init__(self, device: str = "auto", threads: int | None = None, max_pixels: int = 100_000_000):
+        self.device = _pick_device(device)
+        self.threads = threads or os.cpu_count() or 1
+        self.max_pixels = max_pixels  # a service answers many callers: a tighter bomb limit than a job's
+        self._adapters: dict[str, object] = {}  # catalog name -> loaded model, for the process's life
+        self._lock = threading.Lock()
+
+    def detector(self, spec: JobSpec) -> Detector:
+        """A Detector for the spec's classes, thresholds and tiling, around cached model sessions."""
+        classes, models = spec.resolve_models()
+        # The models themselves are the expensive part: loaded on first use, then shared.
+        return Detector([], classes, spec.thresholds(), device=self.device, threads=self.threads,
+                        format=spec.detect_format(), adapters=[self._adapter(e) for e in models.values()])
+
+    def _adapter(self, entry: ModelEntry):
+        with self._lock:  # one load per model even when the first requests arrive together
+            if entry.name not in self._adapters:
+                self._adapters[entry.name] = adapter_class(entry.adapter)(
+                    entry, prepared_weights(entry), self.device, self.threads)
+            return self._adapters[entry.name]
+
+    def warm_up(self, spec: JobSpec) -> None:
+        """Load the spec's models now (at start-up) rather than in the first caller's request."""
+        self.detector(spec)
+
+    def process(self, spec: JobSpec, original_url: str, rel_path: str, task_root: str) -> Processed:
+        """Read the original from the storage, detect, and write the outputs into `task_root`
+        (images/, masks/, metadata/ as in a job's folder)."""
+        row = {"item_id": os.path.basename(task_root), "source_url": original_url, "member": "", "rel_path": rel_path,
+               "kind": "image", "status": "", "failure_cause": "", "error": ""}
+        item = {**row, **prepare_item(row, spec.storage_options, spec.det_max_side,
+                                      min(spec.max_pixels, self.max_pixels))}
+        if item["status"] == "pending":
+            detected = self.detector(spec)(_one_row_batch(item))
+            item["detections"] = str(detected["detections"][0])
+        # metadata/ names the upload, not where the server keeps it
+        item["source_url"] = join("tasks", os.path.basename(task_root), "original", rel_path)
+        options = WriteOptions(
+            job_id=os.path.basename(task_root), job_root=task_root, anonymize=spec.anonymize_options(),
+            quality=spec.quality, compress_level=spec.compress_level, debug=spec.debug, score=spec.score,
+            save_mask=spec.save_mask, mask_scale=spec.mask_scale, save_metadata=True,  # /metadata always answers
+            strip_metadata=spec.strip_metadata, storage_options=spec.storage_options,
+        )
+        image_row, dets, anonymised = write_item(item, options)
+        return Processed(image_row["status"], image_row["failure_cause"], image_row["error"], image_row["format"],
+                         image_row["width"], image_row["height"], dets, anonymised)
+
+
+def _one_row_batch(item: dict) -> dict[str, np.ndarray]:
+    """The columnar batch the Detector actor takes, holding one prepared item."""
+    batch = {}
+    for key, value in item.items():
+        column = np.empty(1, dtype=object) if isinstance(value, (bytes, str)) or value is None else None
+        if column is None:
+            batch[key] = np.asarray([value])
+        else:
+            column[0] = value
+            batch[key] = column
+    return batch
+
+
+def _pick_device(device: str) -> str:
+    if device != "auto":
+        return device
+    try:
+        import onnxruntime as ort
+
+        return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+    except ImportError:
+        return "cpu"
