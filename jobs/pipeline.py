@@ -30,6 +30,7 @@ from operators.write import WriteOptions, write_batch
 PREPARE_BATCH = 4  # items per read+prepare task batch: small, since each holds a detection copy
 WRITE_BATCH = 8
 EXPAND_ROWS_PER_BLOCK = 16
+TASK_CPUS = 1  # one expand / prepare / write task (they stream: no need for more)
 
 
 def archive_options(spec: JobSpec) -> ArchiveOptions:
@@ -103,6 +104,11 @@ def plan_resources(spec: JobSpec) -> Resources:
     threads = max(1, min(node_cpus, cpus // actors))
     reserve = max(1, cpus // 5)
     per_actor = max(1, min(threads, (cpus - reserve) // actors))
+    if cpus - actors * per_actor < 2:
+        # Ray Data reserves one task's CPU for each stage in pipeline order: on a small node an
+        # actor holding a CPU left none for the writer, which then never ran (a 2 GB zip stalled
+        # with 294 blocks waiting). There the actor reserves nothing and shares the cores.
+        per_actor = 0
     return Resources(cpus, gpus, actors, threads, device, per_actor)
 
 
@@ -158,19 +164,21 @@ def build_dataset(
     """`billing` prices items (and reserves credits when it holds a ledger); `finished`: item ids
     an earlier run of this job finished (resume), dropped after archive expansion."""
     model_refs = [(models[name].model_dump(), ray.put(weights[name])) for name in models]
-    # measured: ~375 MiB for the face models, ~1.3 GiB for all four classes (ORT arenas grow with the weights)
-    actor_memory = 256 * 2**20 + 16 * sum(len(w) for w in weights.values())
+    # measured without ORT's CPU arena: ~0.6 GiB for the five default models at 2048 px
+    actor_memory = 256 * 2**20 + 8 * sum(len(w) for w in weights.values())
     blocks = max(1, min(len(sources), res.cpus * 8, 2000))
     ds = ray.data.from_items(sources, override_num_blocks=blocks)
     # --- archive expand stage (issue 4): archives become one row per member, listed on workers ---
-    ds = ds.flat_map(expand_rows, fn_kwargs={"options": archive_options(spec)})
+    ds = ds.flat_map(expand_rows, num_cpus=TASK_CPUS, fn_kwargs={"options": archive_options(spec)})
     # One archive expands into many rows inside one task; re-cut into small blocks (streaming,
     # no barrier) so that its members spread over all prepare tasks instead of one.
     ds = ds.repartition(target_num_rows_per_block=EXPAND_ROWS_PER_BLOCK)
     if finished:
-        ds = ds.map_batches(_drop_finished, batch_format="numpy", fn_kwargs={"finished_ref": ray.put(finished)})
+        ds = ds.map_batches(_drop_finished, batch_format="numpy", num_cpus=TASK_CPUS,
+                            fn_kwargs={"finished_ref": ray.put(finished)})
     ds = ds.map_batches(
         prepare_batch,
+        num_cpus=TASK_CPUS,
         batch_size=PREPARE_BATCH,
         batch_format="numpy",
         fn_kwargs={
@@ -214,7 +222,8 @@ def build_dataset(
         storage_options=spec.storage_options,
         ledger=billing.ledger if billing else None,
     )
-    return ds.map_batches(write_batch, batch_size=WRITE_BATCH, batch_format="numpy", fn_kwargs={"options": options})
+    return ds.map_batches(write_batch, batch_size=WRITE_BATCH, batch_format="numpy", num_cpus=TASK_CPUS,
+                          fn_kwargs={"options": options})
 
 
 def repack_archives(groups: dict[str, list[tuple[str, str]]], job_root: str, storage_options: dict) -> list[dict]:

@@ -24,4 +24,12 @@ def make_session(model_bytes: bytes, device: str = "cpu", threads: int = 0) -> o
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3  # silence per-node warnings about unused initializers
+    # The CPU arena keeps every tensor size it ever saw; with full-resolution inputs of varying
+    # size that doubled a detection actor (five models: 1.27 GiB with, 0.60 GiB without, same
+    # speed on 10 plate photos). Memory patterns only help fixed shapes.
+    opts.enable_cpu_mem_arena = False
+    opts.enable_mem_pattern = False
+    # Idle intra-op threads spin by default; on a node whose cores the decode/encode tasks share,
+    # that spinning takes CPU from them.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model_bytes, sess_options=opts, providers=providers_for(device))

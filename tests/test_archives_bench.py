@@ -98,6 +98,7 @@ def test_bench_archive_path_alone(shared_dir, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # ~8 min alone on 2 cores; more when the machine is shared
 def test_bench_large_zip(ray_local, shared_dir, tmp_path):
     from jobs.run import run_job
     from jobs.spec import build_spec

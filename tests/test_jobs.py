@@ -98,6 +98,10 @@ def test_quote_approve_webhook_report_list_delete(ray_local, photos, tmp_path, h
     assert len(shaped["tasks"]) == 3 and all(t["output_location"] and t["credit_cost"] == 1.0
                                              for t in shaped["tasks"])
 
+    html = tmp_path / "report.html"  # the analytics charts for people who do not open notebooks
+    assert main(["report", "big", "--output", str(out), "--html", str(html)]) == 0
+    assert html.read_text().count("data:image/png;base64,") >= 3
+
     for name in ("q1", "q2"):  # two more jobs, created by quote, to page through
         assert main(["quote", str(src), "--output", str(out), "--job-id", name, "--face"]) == 0
     capsys.readouterr()

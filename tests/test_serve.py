@@ -7,64 +7,26 @@ process, so its log records are visible to caplog (the secrets check).
 from __future__ import annotations
 
 import base64
-import json
-import socket
 import threading
 import time
-from contextlib import contextmanager
 from functools import partial
-from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import cv2
 import httpx
 import numpy as np
 import pytest
 import schemathesis
-import uvicorn
+import serve_helpers
 from hypothesis import HealthCheck, settings
 from schemathesis.config import SchemathesisConfig
+from serve_helpers import MAX_UPLOAD, PASSWORDS, face_and_rest_diff, running, signin, wait_done, write_users
 
-from jobs.api.app import create_app
-from jobs.api.auth import hash_password
 from jobs.api.pool import BACKGROUND, WAITING, PriorityPool
 from jobs.api.service import ServiceConfig
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-MAX_UPLOAD = 1 * 2**20  # small, so the 413 cases are cheap; the eval photos are ~100 KB
-PASSWORDS = {"alice": "alice-pw-1", "bob": "bob-pw-2", "shorty": "shorty-pw-3", "fuzz": "fuzz-pw-4"}
-
-
-@contextmanager
-def running(config: ServiceConfig):
-    """uvicorn serving create_app(config) on a free port of 127.0.0.1, in a thread; yields the base URL."""
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1", port=port, log_level="warning",
-                                           access_log=False))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120  # start-up loads the models named in warm_classes
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the service did not start"
-        time.sleep(0.1)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-
-
-def write_users(path: Path) -> Path:
-    users = {name: {"password_hash": hash_password(pw)} for name, pw in PASSWORDS.items()}
-    users["shorty"]["token_ttl_s"] = 2
-    path.write_text(json.dumps({"secret": "test-secret-0123456789", "token_ttl_s": 600, "users": users}))
-    return path
+face_photo = serve_helpers.face_photo  # fixtures, found by pytest under their own names
+webhook_receiver = serve_helpers.webhook_receiver
 
 
 @pytest.fixture(scope="module")
@@ -82,14 +44,6 @@ def base(service) -> str:
     return service[0]
 
 
-def signin(base: str, user: str) -> str:
-    r = httpx.post(f"{base}/v1/signin", json={"username": user, "password": PASSWORDS[user]})
-    assert r.status_code == 200, r.text
-    body = r.json()
-    assert body["TokenType"] == "Bearer" and body["ExpiresIn"] > 0
-    return body["AccessToken"]
-
-
 @pytest.fixture(scope="module")
 def alice(base) -> httpx.Client:
     with httpx.Client(base_url=base, headers={"Authorization": signin(base, "alice")}, timeout=120) as client:
@@ -100,37 +54,6 @@ def alice(base) -> httpx.Client:
 def bob(base) -> httpx.Client:
     with httpx.Client(base_url=base, headers={"Authorization": "Bearer " + signin(base, "bob")}, timeout=120) as c:
         yield c
-
-
-@pytest.fixture
-def face_photo(photos):
-    """(bytes, annotation) of a faces/ photo with several faces."""
-    folder, chosen = photos("faces", 1)
-    return (folder / Path(chosen[0]["file"]).name).read_bytes(), chosen[0]
-
-
-def wait_done(client: httpx.Client, url: str, timeout: float = 90) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        doc = client.get(url).json()
-        if doc["task_status"] in ("done", "failed") or time.monotonic() > deadline:
-            return doc
-        time.sleep(0.2)
-
-
-def face_and_rest_diff(original: bytes, anonymized: bytes, boxes: list[dict]) -> tuple[float, float]:
-    """Mean absolute difference inside the labelled faces, and outside them (with a margin for the feathering)."""
-    a = cv2.imdecode(np.frombuffer(original, np.uint8), cv2.IMREAD_COLOR).astype(np.int16)
-    b = cv2.imdecode(np.frombuffer(anonymized, np.uint8), cv2.IMREAD_COLOR).astype(np.int16)
-    assert a.shape == b.shape
-    diff = np.abs(a - b).max(axis=2)
-    inside, near = np.zeros(diff.shape, bool), np.zeros(diff.shape, bool)
-    for box in boxes:
-        x1, y1, x2, y2 = box["xyxy"]
-        w, h = x2 - x1, y2 - y1
-        inside[y1 + h // 4: y2 - h // 4, x1 + w // 4: x2 - w // 4] = True  # the face's core
-        near[max(0, y1 - h): y2 + h, max(0, x1 - w): x2 + w] = True  # the face and its feathered surroundings
-    return float(diff[inside].mean()), float(diff[~near].mean())
 
 
 # --- authentication ---
@@ -372,29 +295,6 @@ def test_priority_pool_serves_waiting_callers_first():
 # --- webhooks and secrets ---
 
 
-class _Receiver(BaseHTTPRequestHandler):
-    received: list = []
-
-    def do_POST(self):  # noqa: N802 -- http.server's name
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        self.received.append({"path": self.path, "headers": dict(self.headers), "body": json.loads(body)})
-        self.send_response(200)
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def webhook_receiver():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
-    _Receiver.received = []
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", _Receiver.received
-    server.shutdown()
-
-
 def test_webhook_with_auth_header_and_no_secret_logged_or_stored(service, alice, face_photo, webhook_receiver,
                                                                   caplog):
     caplog.set_level("DEBUG")
@@ -509,3 +409,32 @@ def test_v1_and_container_routes_never_answer_5xx(case, fuzz_token):
     # Webhooks only reach 127.0.0.1 on this server (webhook_hosts), so generated URLs go nowhere else.
     response = case.call(headers={"Authorization": fuzz_token}, timeout=120)
     assert response.status_code < 500, (case.method, case.path, response.status_code, response.text[:300])
+
+
+def test_rate_limit_per_credential_in_each_api_shape(tmp_path):
+    from jobs.api.ratelimit import RateLimited, RateLimiter
+
+    limiter = RateLimiter(per_minute=2)  # the bucket itself: 2 at once, then one every 30 s
+    limiter.check("a", now=0.0)
+    limiter.check("a", now=0.0)
+    with pytest.raises(RateLimited) as refused:
+        limiter.check("a", now=1.0)
+    assert 28 < refused.value.retry_after <= 29
+    limiter.check("b", now=1.0)  # another credential has its own bucket
+    limiter.check("a", now=31.0)
+
+    users = write_users(tmp_path / "users.yaml", {"k-rate": {"user": "alice"}})
+    config = ServiceConfig(storage=str(tmp_path / "storage"), users_file=str(users), rate_limit_per_minute=2)
+    with running(config) as base:
+        token = signin(base, "bob")
+        for expected in (200, 200, 429):
+            r = httpx.get(f"{base}/v1/list", headers={"Authorization": token})
+            assert r.status_code == expected
+        assert "rate limit" in r.json()["message"] and int(r.headers["Retry-After"]) >= 1
+        assert httpx.get(f"{base}/v2/task", headers={"Authorization": token}).json()["code"] == "RATE_LIMITED"
+        basic = ("alice", PASSWORDS["alice"])
+        codes = [httpx.post(f"{base}/faceblurest", json={}, auth=basic) for _ in range(3)]
+        assert codes[-1].status_code == 429 and codes[-1].json()[0]["cd"] == "1029"
+        key = {"x-api-key": "k-rate"}
+        answers = [httpx.get(f"{base}/syntonym/get_credit_balance", headers=key) for _ in range(3)]
+        assert answers[-1].status_code == 429 and answers[-1].json()["error_code"] == "RATE_LIMITED"

@@ -13,15 +13,14 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from jobs.api import celantur_container, celantur_v1, faceblurest
+from jobs.api import celantur_container, celantur_v1, celantur_v2, faceblurest, syntonym
 from jobs.api.errors import install_handlers
 from jobs.api.service import Service, ServiceConfig
 
 log = logging.getLogger("veil.serve")
 
-# Each API shape is a router; Celantur v2 and Syntonym (part 2) are added here the same way, with
-# their error shape in errors.SHAPES and their credential check in auth (Syntonym: Auth.check_api_key).
-ROUTERS = (celantur_v1.router, celantur_container.router, faceblurest.router)
+# Each API shape is a router, with its error shape in errors.SHAPES and its credential check in auth.
+ROUTERS = (celantur_v1.router, celantur_container.router, celantur_v2.router, syntonym.router, faceblurest.router)
 
 
 class AccessLog:
@@ -66,7 +65,8 @@ def create_app(config: ServiceConfig | None = None) -> FastAPI:
     app = FastAPI(
         title="veil service",
         version="1",
-        summary="The seed anonymization APIs (Celantur v1, Celantur container, FaceBlurest) over veil's pipeline",
+        summary="The seed anonymization APIs (Celantur v1, v2 and container, Syntonym, FaceBlurest) over veil's "
+                "pipeline",
         lifespan=lifespan,
     )
     app.state.service = service
@@ -88,8 +88,10 @@ def create_app(config: ServiceConfig | None = None) -> FastAPI:
 def app_from_env() -> FastAPI:
     """The app configured from VEIL_SERVICE_* variables: for hosts that build the app themselves,
     in each replica (`uvicorn --factory jobs.api.app:app_from_env --workers 4`, Ray Serve's
-    `@serve.ingress(app_from_env)`). STORAGE, USERS, MAX_UPLOAD_MB, WORKERS, WEBHOOK_HOSTS
-    (comma-separated), ALLOW_URL_FETCH (1), DEVICE, WARM (classes, comma-separated)."""
+    `@serve.ingress(app_from_env)`). STORAGE, STORAGE_OPTIONS (JSON), USERS, MAX_UPLOAD_MB,
+    MAX_ARCHIVE_MB, WORKERS, WEBHOOK_HOSTS (comma-separated), ALLOW_URL_FETCH (1), DEVICE, WARM
+    (classes, comma-separated), PUBLIC_URL, PRICING, AUTO_APPROVE_BELOW."""
+    import json
     import os
 
     from jobs.api.tasks import DEFAULT_STORAGE
@@ -103,8 +105,13 @@ def app_from_env() -> FastAPI:
     hosts = env.get("WEBHOOK_HOSTS")
     return create_app(ServiceConfig(
         storage=env.get("STORAGE", DEFAULT_STORAGE),
+        storage_options=json.loads(env.get("STORAGE_OPTIONS", "{}")),
         users_file=env.get("USERS"),
         max_upload_bytes=int(float(env.get("MAX_UPLOAD_MB", "10")) * 2**20),
+        max_archive_upload_bytes=int(float(env.get("MAX_ARCHIVE_MB", "2048")) * 2**20),
+        public_url=env.get("PUBLIC_URL"),
+        pricing=env.get("PRICING"),
+        auto_approve_below=float(env["AUTO_APPROVE_BELOW"]) if env.get("AUTO_APPROVE_BELOW") else None,
         workers=int(env.get("WORKERS", "2")),
         webhook_hosts=tuple(h.strip() for h in hosts.split(",") if h.strip()) if hosts is not None else None,
         allow_url_fetch=env.get("ALLOW_URL_FETCH", "") in ("1", "true", "yes"),

@@ -8,12 +8,17 @@ One users file (YAML) serves every API shape:
       alice:
         password_hash: "scrypt$16384$8$1$<salt b64>$<hash b64>"   # veil serve --hash-password
     api_keys:                        # Syntonym-style `x-api-key` (hashes only; keys are random)
-      - {user: alice, key_hash: "sha256$<hex>"}                     # veil serve --hash-api-key
+      - {user: alice, key_hash: "sha256$<hex>", credits: 1000, auto_approve_below: 10}   # --hash-api-key
 
 Celantur signs in with username/password and sends the token (`Authorization: <token>` or
 `Bearer <token>`); FaceBlurest sends HTTP Basic; Syntonym sends `x-api-key`. Each API module turns an
 `AuthError` into its own 401 shape. Nothing here logs or stores a secret; comparisons are
 constant-time.
+
+An API key's `credits` is its account's balance (absent: no limit; what each job charged is kept in
+the storage, see credits.py) and `auto_approve_below` overrides the server's auto-approve limit for
+its jobs. The same `secret` also keys the signed upload/download links (`link_key`) and seals the
+few secrets a task must keep until it runs, on whichever replica (`seal`/`unseal`).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from cryptography.fernet import Fernet, InvalidToken
 
 # scrypt at n=2**14, r=8, p=1: ~16 MiB and tens of ms per check, the usual interactive setting.
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
@@ -80,9 +86,25 @@ class User:
 
 
 @dataclass
+class ApiKey:
+    user: str
+    account: str  # names the key's credit account in the storage: part of its hash, never the key
+    credits: float | None = None  # the balance; None: no limit
+    auto_approve_below: float | None = None  # None: the server's limit
+
+
+def _optional_number(value, what: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"{what}: a number >= 0 expected, got {value!r}")
+    return float(value)
+
+
+@dataclass
 class Auth:
     users: dict[str, User] = field(default_factory=dict)
-    api_keys: dict[str, str] = field(default_factory=dict)  # key hash -> user
+    api_keys: dict[str, ApiKey] = field(default_factory=dict)  # key hash -> its entry
     secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
     secret_generated: bool = True  # tokens then die with the process and are not valid on other replicas
 
@@ -102,8 +124,12 @@ class Auth:
         keys = {}
         for entry in raw.get("api_keys") or []:
             if not isinstance(entry, dict) or not str(entry.get("key_hash", "")).startswith("sha256$"):
-                raise ValueError(f"{path}: api_keys entries are {{user: NAME, key_hash: sha256$...}}")
-            keys[entry["key_hash"]] = str(entry.get("user", "api-key"))
+                raise ValueError(f"{path}: api_keys entries are {{user: NAME, key_hash: sha256$..., credits: N}}")
+            digest = entry["key_hash"].split("$", 1)[1]
+            keys[entry["key_hash"]] = ApiKey(
+                str(entry.get("user", "api-key")), digest[:32],
+                _optional_number(entry.get("credits"), f"{path}: api_keys credits"),
+                _optional_number(entry.get("auto_approve_below"), f"{path}: api_keys auto_approve_below"))
         secret = raw.get("secret")
         if secret is not None and len(str(secret)) < 16:
             raise ValueError(f"{path}: secret must be at least 16 characters")
@@ -160,16 +186,43 @@ class Auth:
     def _sign(self, text: str) -> bytes:
         return hmac.new(self.secret, text.encode(), hashlib.sha256).digest()
 
-    # --- API keys (Syntonym, part 2) ---
+    # --- API keys (Syntonym) ---
     def check_api_key(self, key: str | None) -> str:
         """The user an `x-api-key` belongs to."""
+        return self.api_key(key).user
+
+    def api_key(self, key: str | None) -> ApiKey:
+        """The entry of a valid `x-api-key` (user, credit account, balance)."""
         if not key:
             raise AuthError("an x-api-key header is required")
-        wanted = hash_api_key(key)
-        for stored, user in self.api_keys.items():
+        wanted, found = hash_api_key(key), None
+        for stored, entry in self.api_keys.items():  # all compared: the time does not tell which matched
             if hmac.compare_digest(stored, wanted):
-                return user
-        raise AuthError("invalid API key")
+                found = entry
+        if found is None:
+            raise AuthError("invalid API key")
+        return found
+
+    # --- keys derived from the secret: links and sealed values ---
+    @property
+    def link_key(self) -> bytes:
+        """HMAC key of the upload/download links: derived, so a link signature never passes for a token's."""
+        return hmac.new(self.secret, b"veil links v1", hashlib.sha256).digest()
+
+    def _fernet(self) -> Fernet:
+        return Fernet(base64.urlsafe_b64encode(hmac.new(self.secret, b"veil sealed v1", hashlib.sha256).digest()))
+
+    def seal(self, text: str) -> str:
+        """`text` encrypted and authenticated with the secret, so any replica with the same users file
+        opens it: a webhook's header value that must outlive the request that gave it."""
+        return self._fernet().encrypt(text.encode()).decode()
+
+    def unseal(self, token: str) -> str | None:
+        """The sealed text, or None when it was sealed under another secret."""
+        try:
+            return self._fernet().decrypt(token.encode()).decode()
+        except (InvalidToken, ValueError):
+            return None
 
 
 _DUMMY_HASH = hash_password("not a password of anyone", salt=b"veil-dummy-salt!")

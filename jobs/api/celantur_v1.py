@@ -12,7 +12,6 @@ belong to the user who uploaded them; another user's task id answers 404.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 
 from fastapi import APIRouter, Query, Request, Security
@@ -23,7 +22,7 @@ from pydantic import BaseModel, Field
 
 from jobs.api.auth import AuthError
 from jobs.api.errors import ApiError
-from jobs.api.params import SEED_PARAMS, ParamError, openapi_parameters, split_query
+from jobs.api.params import ParamError, openapi_parameters, task_query
 from jobs.api.service import CONTENT_TYPES, Busy, UploadTooLarge, get_service, read_capped
 from jobs.api.tasks import OUTPUTS, TaskNotFound, public
 from jobs.spec import JobSpec
@@ -43,10 +42,13 @@ MEDIA_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "metadata": "applicatio
 
 def celantur_user(request: Request, token: str | None = Security(_token)) -> str:
     """The signed-in user; 401 in Celantur's shape otherwise (also used by the container routes)."""
+    service = get_service(request)
     try:
-        return get_service(request).auth.check_token(token)
+        user = service.auth.check_token(token)
     except AuthError as exc:
         raise ApiError(401, str(exc)) from None
+    service.limiter.guard(user, lambda e: ApiError(429, str(e), {"Retry-After": f"{e.retry_after:.0f}"}))
+    return user
 
 
 class SignIn(BaseModel):
@@ -74,11 +76,7 @@ async def upload_task(request: Request, user: str, api: str, extra_params: tuple
     if content_type not in CONTENT_TYPES:
         raise ApiError(415, f"Content-Type must be image/jpeg or image/png, got {content_type or 'none'!r}")
     try:
-        params = split_query(list(request.query_params.multi_items()), SEED_PARAMS + ("name",) + extra_params)
-        name = params.pop("name", None)
-        if name is not None and (len(name) > 255 or re.search(r"[\x00-\x1f]", name)):
-            raise ParamError("name: at most 255 characters, no control characters")
-        own = {k: params.pop(k) for k in extra_params if k in params}
+        params, name, own = task_query(list(request.query_params.multi_items()), extra_params)
         extra = extra_fields(own) if extra_fields else {}
         spec = await run_in_threadpool(service.image_spec, params, content_type)  # reads the model catalog
     except ParamError as exc:

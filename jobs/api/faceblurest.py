@@ -57,11 +57,15 @@ def _error(status: int, code: str, message: str, headers: dict | None = None) ->
 
 def faceblurest_user(request: Request, _creds: Annotated[HTTPBasicCredentials | None, Security(_basic)]) -> str:
     # _creds documents the scheme in OpenAPI; the header is checked here, whatever FastAPI made of it
+    service = get_service(request)
     try:
-        return get_service(request).auth.check_basic(request.headers.get("authorization")).name
+        user = service.auth.check_basic(request.headers.get("authorization")).name
     except AuthError as exc:
         raise _error(401, FaceBlurestError.UNAUTHORIZED, str(exc), {"WWW-Authenticate": 'Basic realm="faceblurest"'}) \
             from None
+    service.limiter.guard(user, lambda e: _error(429, FaceBlurestError.RATE_LIMITED, str(e),
+                                                 {"Retry-After": f"{e.retry_after:.0f}"}))
+    return user
 
 
 @router.post("/faceblurest", summary="Detect and blur the faces of one photo",

@@ -10,6 +10,7 @@ document, the validation and the CLI agree.
 from __future__ import annotations
 
 import json
+import re
 from urllib.parse import urlsplit
 
 from jobs.spec import JobSpec, SpecError, build_spec
@@ -50,11 +51,32 @@ def split_query(items: list[tuple[str, str]], allowed: tuple[str, ...]) -> dict[
     return out
 
 
-def build_task_spec(params: dict[str, str], original_url: str, tasks_root: str, task_id: str,
+def task_query(items: list[tuple[str, str]], extra: tuple[str, ...] = ()) -> tuple[dict[str, str], str | None,
+                                                                                dict[str, str]]:
+    """A task request's query: (seed parameters, `name`, the API's own `extra` parameters)."""
+    params = split_query(items, SEED_PARAMS + ("name",) + extra)
+    name = params.pop("name", None)
+    if name is not None and (len(name) > 255 or re.search(r"[\x00-\x1f]", name)):
+        raise ParamError("name: at most 255 characters, no control characters")
+    own = {k: params.pop(k) for k in extra if k in params}
+    return params, name, own
+
+
+def check_webhook_host(name: str, url: str | None, webhook_hosts: tuple[str, ...] | None) -> None:
+    """ParamError when the server may not call `url` (its --webhook-host list)."""
+    if url and webhook_hosts is not None and urlsplit(url).hostname not in webhook_hosts:
+        raise ParamError(f"{name}: host {urlsplit(url).hostname!r} is not allowed on this server "
+                         f"(allowed: {', '.join(webhook_hosts) or 'none'})")
+
+
+def build_task_spec(params: dict[str, object], original_url: str, tasks_root: str, task_id: str,
                     storage_options: dict | None = None, webhook_hosts: tuple[str, ...] | None = None) -> JobSpec:
-    """The task's JobSpec: its input is the stored upload, its job folder the task's folder."""
+    """The task's JobSpec: its input is the stored upload, its job folder the task's folder. `params`
+    are query text, or the typed values a task recorded (`recorded`), when it is rebuilt to run."""
     fields: dict[str, object] = {k: v for k, v in params.items() if k in SEED_PARAMS}
     for name in JSON_PARAMS & fields.keys():
+        if not isinstance(fields[name], str):
+            continue
         try:
             fields[name] = json.loads(str(fields[name]))
         except json.JSONDecodeError as exc:
@@ -65,9 +87,7 @@ def build_task_spec(params: dict[str, str], original_url: str, tasks_root: str, 
         spec.resolve_models()  # a class no model serves is refused now, like `veil run` does
     except SpecError as exc:
         raise ParamError(str(exc)) from None
-    if spec.webhook and webhook_hosts is not None and urlsplit(spec.webhook).hostname not in webhook_hosts:
-        raise ParamError(f"webhook: host {urlsplit(spec.webhook).hostname!r} is not allowed on this server "
-                         f"(allowed: {', '.join(webhook_hosts) or 'none'})")
+    check_webhook_host("webhook", spec.webhook, webhook_hosts)
     return spec
 
 

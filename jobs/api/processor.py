@@ -1,11 +1,12 @@
-"""One image, in-process: the pipeline's own operators (prepare -> detect -> write) without Ray.
+"""Images in-process: the pipeline's own operators (prepare -> detect -> write) without Ray.
 
 A job runs these stages as Ray Data map_batches over many items; a synchronous API call has one
 image and must answer in a second or so, so it runs the same functions here on a one-row batch
 (the approach of `jobs/bench.py`'s bare loop). Model sessions are loaded once per server process
 and shared by every request and worker thread (ONNX Runtime sessions are safe to run
 concurrently); the per-request settings (classes, thresholds, tiling) make a fresh, cheap
-`Detector` around them.
+`Detector` around them. A job made through the API (Syntonym) runs the pipeline's three batch
+functions themselves on small batches (`run_batch`), so its manifest and job.json are a job's.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from models.adapters import adapter_class
 from models.catalog import ModelEntry
 from models.detections import CLASSES, Detections
 from models.fetch import prepared_weights
+from operators.budget import Billing
 from operators.detect import Detector
-from operators.prepare import prepare_item
+from operators.prepare import prepare_batch, prepare_item
 from operators.storage import join
-from operators.write import WriteOptions, write_item
+from operators.write import WriteOptions, write_batch, write_item
 
 
 @dataclass
@@ -78,7 +80,7 @@ class ImageProcessor:
         item = {**row, **prepare_item(row, spec.storage_options, spec.det_max_side,
                                       min(spec.max_pixels, self.max_pixels))}
         if item["status"] == "pending":
-            detected = self.detector(spec)(_one_row_batch(item))
+            detected = self.detector(spec)(rows_batch([item]))
             item["detections"] = str(detected["detections"][0])
         # metadata/ names the upload, not where the server keeps it
         item["source_url"] = join("tasks", os.path.basename(task_root), "original", rel_path)
@@ -93,16 +95,25 @@ class ImageProcessor:
                          image_row["width"], image_row["height"], dets, anonymised)
 
 
-def _one_row_batch(item: dict) -> dict[str, np.ndarray]:
-    """The columnar batch the Detector actor takes, holding one prepared item."""
+    def run_batch(self, spec: JobSpec, rows: list[dict], options: WriteOptions, billing: Billing) -> dict:
+        """The job pipeline's stages on a few listed rows (archive members included): prepare_batch,
+        the Detector, write_batch (which writes the rows' manifest part). Returns write_batch's stats."""
+        batch = prepare_batch(rows_batch(rows), spec.storage_options, spec.det_max_side,
+                              min(spec.max_pixels, self.max_pixels), billing)
+        return write_batch(self.detector(spec)(batch), options)
+
+
+def rows_batch(rows: list[dict]) -> dict[str, np.ndarray]:
+    """The columnar batch (as Ray Data hands it to the stages) holding `rows`, which share their keys."""
     batch = {}
-    for key, value in item.items():
-        column = np.empty(1, dtype=object) if isinstance(value, (bytes, str)) or value is None else None
-        if column is None:
-            batch[key] = np.asarray([value])
-        else:
-            column[0] = value
+    for key in rows[0]:
+        values = [row[key] for row in rows]
+        if any(isinstance(v, (bytes, str)) or v is None for v in values):
+            column = np.empty(len(values), dtype=object)  # never numpy's fixed-width strings: bytes stay bytes
+            column[:] = values
             batch[key] = column
+        else:
+            batch[key] = np.asarray(values)
     return batch
 
 

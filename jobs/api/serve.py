@@ -14,7 +14,7 @@ def add_serve_command(sub) -> None:
     from jobs.api.tasks import DEFAULT_STORAGE  # no FastAPI import: `veil run` must not need it
     from jobs.cli import _opt, _storage_option
 
-    p = sub.add_parser("serve", help="the seed APIs (Celantur v1 and container, FaceBlurest) over HTTP")
+    p = sub.add_parser("serve", help="the seed APIs (Celantur v1, v2 and container, Syntonym, FaceBlurest) over HTTP")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--storage", default=DEFAULT_STORAGE,
@@ -23,9 +23,22 @@ def add_serve_command(sub) -> None:
     _opt(p, "--storage-option", type=_storage_option, action="append", dest="storage_option", metavar="KEY=VALUE",
          help="fsspec option for a remote --storage, e.g. endpoint_url=http://127.0.0.1:9000")
     p.add_argument("--users", help="users file (YAML): secret, token_ttl_s, users with password_hash, api_keys")
-    _opt(p, "--max-upload-mb", type=float, default=10.0, help="largest upload per request, MB (default 10)")
+    _opt(p, "--max-upload-mb", type=float, default=10.0, help="largest image upload, MB (default 10)")
+    _opt(p, "--max-archive-mb", type=float, default=2048.0,
+         help="largest archive uploaded to a Syntonym session, MB (default 2048; streamed, not held in memory)")
+    _opt(p, "--public-url", help="base URL of the upload/download links this server signs, as clients reach it "
+                                 "(default: the Host of each request)")
+    _opt(p, "--link-ttl", type=int, default=900, help="lifetime of download links, s (default 900)")
+    _opt(p, "--upload-ttl", type=int, default=3600, help="lifetime of upload links, s (default 3600)")
+    p.add_argument("--pricing", help="pricing table (YAML/JSON) for Syntonym jobs' credits, laid over the default")
+    _opt(p, "--auto-approve-below", type=float,
+         help="Syntonym jobs quoted below this many credits start without approve_job (default: the pricing "
+              "table's auto_approve_below; none = always approve)")
     p.add_argument("--workers", type=int, default=2, help="images processed at once by this server (default 2)")
     _opt(p, "--max-queue", type=int, default=64, help="asynchronous tasks waiting before 503 (default 64)")
+    _opt(p, "--rate-limit", type=int, default=600,
+         help="requests per minute per user or API key in this replica, bursts up to the same; 0 = none "
+              "(default 600)")
     _opt(p, "--allow-url-fetch", action="store_true",
          help="let FaceBlurest's photo_url make this server fetch a URL (off: any URL it can reach is exposed)")
     _opt(p, "--webhook-host", action="append", metavar="HOST",
@@ -69,10 +82,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_upload_bytes=int(args.max_upload_mb * 2**20),
         workers=max(1, args.workers),
         max_queue=max(0, args.max_queue),
+        rate_limit_per_minute=max(0, args.rate_limit),
         allow_url_fetch=args.allow_url_fetch,
         webhook_hosts=tuple(args.webhook_host) if args.webhook_host else None,
         device=args.device,
         warm_classes=tuple(c.strip().replace("-", "_") for c in args.warm.split(",") if c.strip()),
+        public_url=args.public_url,
+        link_ttl_s=max(1, args.link_ttl),
+        upload_ttl_s=max(1, args.upload_ttl),
+        max_archive_upload_bytes=int(args.max_archive_mb * 2**20),
+        pricing=args.pricing,
+        auto_approve_below=args.auto_approve_below,
     )
     if not args.users:
         logging.getLogger("veil.serve").warning("no --users file: nobody can sign in")

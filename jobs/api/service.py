@@ -1,5 +1,11 @@
-"""What every API shape shares: configuration, capped upload reading, and the life of an image task
-(new -> [queued ->] processing -> done | failed) on the task store, the processor and the webhook.
+"""What every API shape shares: configuration, capped upload reading, expiring links, and the life of
+an image task (new -> [queued ->] processing -> done | failed) on the task store, the processor and
+the webhook. Jobs made through the API (Syntonym) live in service_jobs.
+
+A task made without its image (Celantur v2) waits `new` for its upload URL to be used: the upload
+is checked (size; content sniffed, and the declared type when there is one) and queued by the PUT
+on this service's URL, or, when the URL was a presigned S3 one, by the next status request that
+finds the object. Its spec is rebuilt from what task.json recorded, so any replica can run it.
 
 Processing runs on a bounded thread pool, synchronous calls included (they wait for their turn,
 ahead of queued asynchronous tasks), so a burst of requests cannot start more model runs than
@@ -11,27 +17,39 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import mimetypes
+import os
+import tempfile
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 import numpy as np
 from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response
 
 from jobs.api.auth import Auth
-from jobs.api.params import build_task_spec, recorded
+from jobs.api.credits import Accounts
+from jobs.api.links import LinkError, Links, is_s3
+from jobs.api.params import ParamError, build_task_spec, recorded
 from jobs.api.pool import BACKGROUND, WAITING, PriorityPool
 from jobs.api.processor import ImageProcessor, Processed
+from jobs.api.ratelimit import RateLimiter
 from jobs.api.tasks import DEFAULT_STORAGE, FILE_NAMES, OUTPUTS, TaskNotFound, TaskStore, public
 from jobs.report import now_iso
 from jobs.spec import JobSpec
 from jobs.webhook import post_report
 from operators.codecs import encode
-from operators.storage import filesystem
+from operators.items import UnsafePath, safe_rel_path, sniff_format
+from operators.storage import LOCAL_PROTOCOLS, filesystem, join, read_bytes
 
 log = logging.getLogger("veil.serve")
 
 CONTENT_TYPES = {"image/jpeg": "jpeg", "image/jpg": "jpeg", "image/png": "png"}
+UPLOAD = "original/upload"  # where a v2 upload URL puts the image, until it is checked
 
 
 @dataclass
@@ -47,6 +65,14 @@ class ServiceConfig:
     device: str = "auto"
     max_pixels: int = 100_000_000
     warm_classes: tuple[str, ...] = ()  # classes whose models load at start-up
+    public_url: str | None = None  # base of the links this service signs (default: the request's own)
+    upload_ttl_s: int = 3600  # how long an upload URL (v2 task, Syntonym session) stays valid
+    link_ttl_s: int = 900  # how long a download URL stays valid
+    max_archive_upload_bytes: int = 2 * 2**30  # Syntonym archives: streamed to the storage, never held in memory
+    pricing: str | None = None  # pricing table file (credits of API jobs; its auto_approve_below)
+    auto_approve_below: float | None = None  # API jobs quoted below start at once; None: the pricing table's
+    job_threads: int = 2  # API jobs driven at once (their images go through the same `workers`)
+    rate_limit_per_minute: int = 600  # requests per user / API key per minute in this replica; 0 = no limit
 
 
 class UploadTooLarge(Exception):
@@ -55,6 +81,10 @@ class UploadTooLarge(Exception):
 
 class Busy(Exception):
     pass
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
 
 
 async def read_capped(request: Request, limit: int) -> bytes:
@@ -78,10 +108,19 @@ class Service:
         self.processor = ImageProcessor(config.device, max_pixels=config.max_pixels)
         self.pool = PriorityPool(config.workers)
         self.hooks = ThreadPoolExecutor(2, thread_name_prefix="veil-webhook")  # slow receivers never hold a worker
+        self.links = Links(self.auth.link_key, config.storage_options)
+        self.accounts = Accounts(config.storage, config.storage_options)
+        self.limiter = RateLimiter(config.rate_limit_per_minute)
         self._waiting = 0
         self._lock = threading.Lock()
+        self._task_locks = [threading.Lock() for _ in range(64)]  # striped: one upload check per task at a time
+
+        from jobs.api.service_jobs import ServiceJobs  # it drives this service's pool and processor
+
+        self.jobs = ServiceJobs(self)
 
     def close(self) -> None:
+        self.jobs.close()
         self.pool.shutdown()
         self.hooks.shutdown(wait=False, cancel_futures=True)
 
@@ -98,18 +137,159 @@ class Service:
     def new_image_task(self, api: str, owner: str, spec: JobSpec, body: bytes, content_type: str,
                        name: str | None = None, extra: dict | None = None) -> dict:
         """Store the upload and a `new` task.json."""
-        task_id, file = spec.job_id, FILE_NAMES[CONTENT_TYPES[content_type]]
-        now = now_iso()
-        doc = {
-            "id": task_id, "api": api, "owner": owner, "name": name or file, "task_status": "new",
-            "failure_cause": None, "error": None, "created": now, "updated": now, "content_type": content_type,
-            "file": file, "size": len(body), "width": None, "height": None,
-            "anonymization_method": spec.method, "parameters": recorded(spec), "classes": spec.resolve_models()[0],
-            "detections": {}, "detections_count": 0, "outputs": [], **(extra or {}),
-        }
-        self.store.put(task_id, f"original/{file}", body)
+        file = FILE_NAMES[CONTENT_TYPES[content_type]]
+        doc = self._task_doc(api, owner, spec, name or file,
+                             {"content_type": content_type, "file": file, "size": len(body), **(extra or {})})
+        self.store.put(doc["id"], f"original/{file}", body)
         self.store.save(doc)
         return doc
+
+    def new_upload_task(self, api: str, owner: str, params: dict[str, str], name: str | None) -> dict:
+        """A `new` task without its image, which will come through an upload URL (ParamError for bad
+        parameters). The webhook's header value is sealed into task.json: the task may run on
+        another replica, long after this request."""
+        task_id = self.store.new_id()
+        spec = build_task_spec(params, self.store.url(task_id, UPLOAD), self.store.root, task_id,
+                               self.config.storage_options, self.config.webhook_hosts)
+        deadline = int(time.time()) + self.config.upload_ttl_s
+        doc = self._task_doc(api, owner, spec, name or "image",
+                             {"content_type": None, "file": None, "size": None, "upload_expires": deadline,
+                              "upload_expires_at": iso(deadline)})
+        if spec.web_auth_header_value:
+            doc["sealed_header_value"] = self.auth.seal(spec.web_auth_header_value)
+        self.store.save(doc)
+        return doc
+
+    def _task_doc(self, api: str, owner: str, spec: JobSpec, name: str, fields: dict) -> dict:
+        now = now_iso()
+        return {
+            "id": spec.job_id, "api": api, "owner": owner, "name": name, "task_status": "new",
+            "failure_cause": None, "error": None, "created": now, "updated": now, "width": None, "height": None,
+            "anonymization_method": spec.method, "parameters": recorded(spec), "classes": spec.resolve_models()[0],
+            "detections": {}, "detections_count": 0, "outputs": [], **fields,
+        }
+
+    def task_spec(self, doc: dict) -> JobSpec:
+        """A task's spec rebuilt from what it recorded (ParamError if this server no longer takes it)."""
+        params = dict(doc["parameters"])
+        if doc.get("sealed_header_value"):
+            # None when sealed under another secret: the webhook then goes without its header
+            params["web-auth-header-value"] = self.auth.unseal(doc["sealed_header_value"])
+        original = self.store.url(doc["id"], f"original/{doc.get('file') or 'upload'}")
+        return build_task_spec(params, original, self.store.root, doc["id"], self.config.storage_options,
+                               self.config.webhook_hosts)
+
+    # --- the upload of a v2 task ---
+    def check_upload(self, doc: dict, declared: str | None = None) -> dict:
+        """A `new` task whose upload is in the storage is checked and queued; one whose upload window
+        closed with nothing uploaded fails TASK_FILE_DOESNT_EXIST; otherwise it stays `new`.
+        `declared`: the Content-Type the upload came with (S3: the object's). Busy when the queue is
+        full: the upload stays, and the next status request tries again."""
+        with self._task_locks[int(doc["id"][:8], 16) % len(self._task_locks)]:
+            doc = self.store.load(doc["id"])  # another request may have taken it meanwhile
+            if doc["task_status"] != "new":
+                return doc
+            fs, path = filesystem(self.store.url(doc["id"], UPLOAD), self.config.storage_options)
+            fs.invalidate_cache(path.rsplit("/", 1)[0])  # a presigned PUT went around this process's listing cache
+            if not fs.exists(path):
+                if time.time() > doc["upload_expires"]:
+                    return self.fail(doc, "TASK_FILE_DOESNT_EXIST", "nothing was uploaded before upload_expires_at")
+                return doc
+            info = fs.info(path)
+            declared = (declared if declared is not None else str(info.get("ContentType") or ""))
+            declared = declared.split(";")[0].strip().lower()
+            if int(info["size"]) > self.config.max_upload_bytes:
+                fs.rm(path)
+                return self.fail(doc, "TOO_LARGE", f"the upload is {info['size']} bytes, over the "
+                                                   f"{self.config.max_upload_bytes} byte limit")
+            found = sniff_format(fs.cat_file(path, start=0, end=16))
+            # an image type declared must be the one found; other types (curl's form default, S3's
+            # binary/octet-stream when a client sends none) say nothing about the content
+            claimed = declared.startswith("image/")
+            if found not in FILE_NAMES or (claimed and CONTENT_TYPES.get(declared) != found):
+                fs.rm(path)  # refused: nothing of it is kept
+                return self.fail(doc, "CONTENT_TYPE_ERROR", f"the upload holds {found or 'no supported image'}"
+                                 + (f", declared {declared}" if claimed else "") + "; JPEG or PNG expected")
+            if not self._take_slot():
+                raise Busy(f"{self.config.max_queue} tasks are waiting on this server; try again later")
+            try:
+                file = FILE_NAMES[found]
+                doc.update(file=file, content_type=f"image/{found}", size=int(info["size"]))
+                spec = self.task_spec(doc)
+            except ParamError as exc:
+                self._release_slot()
+                return self.fail(doc, "PARAMETER_ERROR_FORMAT", str(exc))
+            fs.mv(path, filesystem(self.store.url(doc["id"], f"original/{file}"), self.config.storage_options)[1])
+            self._submit(doc, spec)
+            return doc
+
+    def fail(self, doc: dict, cause: str, error: str) -> dict:
+        """End a task `failed` before it was processed (its webhook is told, as for any ended task)."""
+        doc.update(task_status="failed", failure_cause=cause, error=error, finished=now_iso())
+        self.store.save(doc)
+        try:
+            spec = self.task_spec(doc)
+        except ParamError:
+            return doc
+        if spec.webhook:
+            self.hooks.submit(self._notify, doc["id"], spec)
+        return doc
+
+    # --- expiring links (links.py) ---
+    def base_url(self, request: Request) -> str:
+        return self.config.public_url or str(request.base_url)
+
+    def link(self, base: str, route: str, relative: str, method: str, expires: int) -> str:
+        """An expiring URL to the storage object at `relative` (under the storage root): presigned S3
+        when the storage is S3, else `route` on this service, signed."""
+        if is_s3(self.config.storage):
+            return self.links.presigned(join(self.config.storage, relative), method, expires)
+        return self.links.signed(base, method, route, expires)
+
+    def signed_file(self, prefix: str, path: str) -> tuple[bytes, str]:
+        """(bytes, media type) behind a verified download link: `path` is the route (`prefix` + the
+        object's path under the storage root). TaskNotFound if the object is gone."""
+        try:  # signed by us, so made from a safe path; checked again all the same
+            relative = safe_rel_path(path[len(prefix):])
+        except UnsafePath:
+            raise TaskNotFound(path) from None
+        try:
+            data = read_bytes(join(self.config.storage, relative), self.config.storage_options)
+        except FileNotFoundError:
+            raise TaskNotFound(path) from None
+        return data, mimetypes.guess_type(relative)[0] or "application/octet-stream"
+
+    async def receive_file(self, request: Request, url: str, limit: int) -> int:
+        """Stream the request body to the storage object `url` through a temporary file, refusing it
+        past `limit` bytes (UploadTooLarge): memory holds one chunk whatever the size, and the
+        object appears whole or not at all. Returns the size."""
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise UploadTooLarge(f"the body is {int(declared)} bytes, over the {limit} byte limit")
+        fs, path = filesystem(url, self.config.storage_options)
+        local = fs.protocol in LOCAL_PROTOCOLS or "file" in fs.protocol
+        spool = None
+        if local:  # on the storage's disk, so the final rename is atomic; not in the folder a job lists
+            spool = filesystem(join(self.config.storage, ".partial"), {})[1]
+            os.makedirs(spool, exist_ok=True)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix="veil-upload-", suffix=".part", dir=spool)
+        size = 0
+        try:
+            with os.fdopen(fd, "wb") as f:
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise UploadTooLarge(f"the body passes the {limit} byte limit")
+                    f.write(chunk)
+            if local:
+                os.replace(tmp, path)
+            else:
+                await asyncio.to_thread(fs.put_file, tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return size
 
     # --- running them ---
     async def run_in_pool(self, fn, *args):
@@ -122,20 +302,30 @@ class Service:
 
     def enqueue(self, doc: dict, spec: JobSpec) -> dict:
         """Queue for the pool and return at once (an asynchronous call); Busy past max_queue."""
-        with self._lock:
-            busy = self._waiting >= self.config.max_queue
-            self._waiting += 0 if busy else 1
-        if busy:
+        if not self._take_slot():
             self.store.delete(doc["id"])  # refused: keep no upload the caller was told we did not take
             raise Busy(f"{self.config.max_queue} tasks are waiting on this server; try again later")
+        self._submit(doc, spec)
+        return doc
+
+    def _take_slot(self) -> bool:
+        with self._lock:
+            if self._waiting >= self.config.max_queue:
+                return False
+            self._waiting += 1
+            return True
+
+    def _release_slot(self) -> None:
+        with self._lock:
+            self._waiting -= 1
+
+    def _submit(self, doc: dict, spec: JobSpec) -> None:
         doc["task_status"] = "queued"
         self.store.save(doc)
         self.pool.submit(BACKGROUND, self._queued, doc["id"], spec)
-        return doc
 
     def _queued(self, task_id: str, spec: JobSpec) -> None:
-        with self._lock:
-            self._waiting -= 1
+        self._release_slot()
         try:
             doc = self.store.load(task_id)
         except TaskNotFound:
@@ -215,4 +405,27 @@ def get_service(request: Request) -> Service:
     return request.app.state.service
 
 
-__all__ = ["Busy", "Service", "ServiceConfig", "UploadTooLarge", "get_service", "read_capped"]
+def verify_link(request: Request, method: str, error: type[Exception]) -> None:
+    """The request's own link signature checked (its path as routed, unquoted); a 403 in the
+    API's shape (`error(status, message, code)`) when it does not open."""
+    try:
+        get_service(request).links.verify(method, request.scope["path"], request.query_params.get("expires"),
+                                          request.query_params.get("signature"))
+    except LinkError as exc:
+        raise error(403, str(exc), exc.code) from None
+
+
+async def download_response(request: Request, prefix: str, area: str, error: type[Exception]) -> Response:
+    """A signed download route: the object under `area` (tasks/, jobs/) that the link names."""
+    if not request.scope["path"].startswith(prefix + area):
+        raise error(404, "not found", None)
+    verify_link(request, "GET", error)
+    try:
+        data, media = await run_in_threadpool(get_service(request).signed_file, prefix, request.scope["path"])
+    except TaskNotFound:
+        raise error(404, "the file is gone (deleted)", None) from None
+    return Response(data, media_type=media)
+
+
+__all__ = ["Busy", "Service", "ServiceConfig", "UploadTooLarge", "download_response", "get_service", "iso",
+           "read_capped", "verify_link"]

@@ -1,6 +1,7 @@
 """Task state in the storage: one folder per task, laid out like a job, with its task.json.
 
     STORAGE/tasks/<id>/task.json                  status, timestamps, parameters, detections
+    STORAGE/tasks/<id>/original/upload            Celantur v2: where the upload URL puts it, until checked
     STORAGE/tasks/<id>/original/<file>            the upload as received
     STORAGE/tasks/<id>/images/<file>              anonymized (the job layout: OUTPUT=STORAGE/tasks, JOB_ID=<id>)
     STORAGE/tasks/<id>/masks/{binary,instance}/<file>.png
@@ -35,8 +36,8 @@ OUTPUTS = {
     "original": "original/{file}",
 }
 
-# Fields of task.json that stay inside the service (who owns it, where its files are).
-PRIVATE_FIELDS = ("owner", "file")
+# Fields of task.json that stay inside the service (who owns it, where its files are, a sealed secret).
+PRIVATE_FIELDS = ("owner", "file", "sealed_header_value")
 
 
 class TaskNotFound(LookupError):
@@ -86,6 +87,11 @@ class TaskStore:
         url = self.url(task_id, relative)
         write_atomic(url, data, self.storage_options)
         return url
+
+    def delete_file(self, task_id: str, relative: str) -> None:
+        fs, path = filesystem(self.url(task_id, relative), self.storage_options)
+        if fs.exists(path):
+            fs.rm(path)
 
     def output(self, doc: dict, kind: str) -> bytes:
         """The bytes of one output of a task (OUTPUTS key); TaskNotFound when it was not made."""
