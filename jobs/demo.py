@@ -38,7 +38,8 @@ def run_demo(output: str | None = None) -> int:
     samples = gather_samples(base / "input")
     out = Path(output) if output else base / "output"
     print(f"veil demo: {len(samples)} sample photos in {base / 'input'}")
-    doc = run_job(build_spec({"inputs": [str(base / "input")], "output": str(out), "job_id": "demo"}))
+    # a new job id each time: the same id would resume the last demo and find nothing left to do
+    doc = run_job(build_spec({"inputs": [str(base / "input")], "output": str(out)}))
     print(summary_text(doc))
     print(f"anonymized images: {doc['outputs']['images']}")
     return 0 if doc["status"] == "done" else 1

@@ -119,3 +119,18 @@ def test_bad_invocations_are_refused_before_work(argv, message, tmp_path, capsys
     argv = [a.replace("IN", str(tmp_path / "in")) for a in argv]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_demo_anonymizes_the_samples_the_install_ships(ray_local, tmp_path, capsys):
+    """The README's first command: twice, and each run does the work (a new job each time)."""
+    from jobs.demo import run_demo
+
+    assert run_demo(str(tmp_path / "demo")) == 0
+    assert run_demo(str(tmp_path / "demo")) == 0
+    jobs = [p for p in (tmp_path / "demo").iterdir() if (p / "job.json").exists()]
+    assert len(jobs) == 2
+    for job in jobs:
+        doc = json.loads((job / "job.json").read_text())
+        assert doc["status"] == "done" and doc["totals"]["done"] >= 5 and doc["totals"]["detections"]["face"] >= 1
+        assert doc["credits"]["total"] == doc["totals"]["done"]  # 1 credit per image by default
+    assert "anonymized images" in capsys.readouterr().out
