@@ -164,8 +164,8 @@ def build_dataset(
     """`billing` prices items (and reserves credits when it holds a ledger); `finished`: item ids
     an earlier run of this job finished (resume), dropped after archive expansion."""
     model_refs = [(models[name].model_dump(), ray.put(weights[name])) for name in models]
-    # measured without ORT's CPU arena: ~0.6 GiB for the five default models at 2048 px
-    actor_memory = 256 * 2**20 + 8 * sum(len(w) for w in weights.values())
+    # measured without ORT's CPU arena: ~0.5 GiB for the face models, ~1 GiB for the five defaults
+    actor_memory = 512 * 2**20 + 10 * sum(len(w) for w in weights.values())  # Ray asks for 1.25x what is used
     blocks = max(1, min(len(sources), res.cpus * 8, 2000))
     ds = ray.data.from_items(sources, override_num_blocks=blocks)
     # --- archive expand stage (issue 4): archives become one row per member, listed on workers ---

@@ -15,13 +15,19 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Security
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import Response
 
-from jobs.api.celantur_v1 import IMAGE_BODY, NAME_PARAM, celantur_user, load_task, output_response, upload_task
+from jobs.api.celantur_v1 import (
+    IMAGE_BODY,
+    NAME_PARAM,
+    add_output_routes,
+    celantur_user,
+    load_task,
+    upload_task,
+)
 from jobs.api.errors import ApiError
 from jobs.api.params import ParamError, openapi_parameters
 from jobs.api.service import Busy, get_service
-from jobs.api.tasks import OUTPUTS, public
+from jobs.api.tasks import public
 
 API = "celantur-container"
 VIDEO_FLAGS = ("no-object-tracking", "keep-bit-rate")
@@ -89,15 +95,4 @@ async def delete_task(request: Request, task_id: str, user: str = Security(celan
     return await run_in_threadpool(get_service(request).delete, doc)
 
 
-def _output_route(kind: str):
-    async def download(request: Request, task_id: str, user: str = Security(celantur_user)) -> Response:
-        doc = await run_in_threadpool(load_task, request, task_id, user, API)
-        return await run_in_threadpool(output_response, request, doc, kind)
-
-    download.__name__ = f"container_{kind.replace('-', '_')}"
-    return download
-
-
-for _kind in OUTPUTS:
-    router.add_api_route(f"/task/{{task_id}}/{_kind}", _output_route(_kind), methods=["GET"],
-                         summary=f"The task's {_kind.replace('-', ' ')}", response_class=Response)
+add_output_routes(router, "/task", API, "container")

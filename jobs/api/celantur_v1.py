@@ -133,18 +133,23 @@ def output_response(request: Request, doc: dict, kind: str) -> Response:
     return Response(data, media_type=media)
 
 
-def _output_route(kind: str):
-    async def download(request: Request, task_id: str, user: str = Security(celantur_user)) -> Response:
-        doc = await run_in_threadpool(load_task, request, task_id, user, API)
-        return await run_in_threadpool(output_response, request, doc, kind)
+def add_output_routes(target: APIRouter, prefix: str, api: str, name: str) -> None:
+    """GET PREFIX/{task_id}/<output> for each output of a task (v1 and the container share them)."""
 
-    download.__name__ = f"download_{kind.replace('-', '_')}"
-    return download
+    def route(kind: str):
+        async def download(request: Request, task_id: str, user: str = Security(celantur_user)) -> Response:
+            doc = await run_in_threadpool(load_task, request, task_id, user, api)
+            return await run_in_threadpool(output_response, request, doc, kind)
+
+        download.__name__ = f"{name}_{kind.replace('-', '_')}"  # OpenAPI operation ids stay unique
+        return download
+
+    for kind in OUTPUTS:
+        target.add_api_route(f"{prefix}/{{task_id}}/{kind}", route(kind), methods=["GET"],
+                             summary=f"The task's {kind.replace('-', ' ')}", response_class=Response)
 
 
-for _kind in OUTPUTS:
-    router.add_api_route(f"/v1/file/{{task_id}}/{_kind}", _output_route(_kind), methods=["GET"],
-                         summary=f"The task's {_kind.replace('-', ' ')}", response_class=Response)
+add_output_routes(router, "/v1/file", API, "download")
 
 
 @router.get("/v1/list", summary="The caller's tasks, newest first")
