@@ -10,9 +10,15 @@ from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from models.detections import CLASSES
 from operators.storage import join, read_bytes, write_atomic
+
+
+def _value_counts(column: pa.ChunkedArray) -> dict[str, int]:
+    """{value: count} of a string column, nulls and empty strings left out."""
+    return {str(v["values"]): int(v["counts"]) for v in pc.value_counts(column).to_pylist() if v["values"]}
 
 
 def now_iso() -> str:
@@ -48,25 +54,26 @@ class Totals:
 
     @classmethod
     def from_manifest(cls, images: pa.Table) -> Totals:
-        """Totals over the manifest's latest row per item: the job's whole history, resumes included."""
+        """Totals over the manifest's latest row per item: the job's whole history, resumes included.
+        Arrow aggregates, so a job of millions of items never becomes Python objects here."""
         t = cls()
-        rows = images.select(["status", "failure_cause", "anonymized", "width", "height", "credits",
-                              "cpu_prepare_ms", "cpu_detect_ms", "cpu_write_ms", "gpu_detect_ms",
-                              *[f"n_{c}" for c in CLASSES]]).to_pydict()
         t.items = images.num_rows
-        t.by_status.update(rows["status"])
-        t.by_cause.update(c for c in rows["failure_cause"] if c)
-        done = [s == "done" for s in rows["status"]]
+        t.by_status.update(_value_counts(images.column("status")))
+        t.by_cause.update(_value_counts(images.column("failure_cause")))
+        done = images.filter(pc.equal(images.column("status"), "done"))
+
+        def total(table: pa.Table, expr) -> float:
+            return float(pc.sum(expr if not isinstance(expr, str) else table.column(expr)).as_py() or 0)
+
         for c in CLASSES:
-            t.detections[c] = sum(int(n or 0) for n, d in zip(rows[f"n_{c}"], done, strict=True) if d)
-        t.anonymized = sum(bool(a) for a, d in zip(rows["anonymized"], done, strict=True) if d)
-        t.megapixels = sum((w or 0) * (h or 0) for w, h, d in zip(rows["width"], rows["height"], done, strict=True)
-                           if d) / 1e6
-        t.credits = sum(float(c or 0) for c, d in zip(rows["credits"], done, strict=True) if d)
-        t.cpu_by_stage = {k[4:-3]: sum(float(v or 0) for v in rows[k]) / 1e3
-                          for k in ("cpu_prepare_ms", "cpu_detect_ms", "cpu_write_ms")}
+            t.detections[c] = int(total(done, f"n_{c}"))
+        t.anonymized = int(total(done, pc.cast(done.column("anonymized"), pa.int64())))
+        pixels = pc.multiply(pc.cast(done.column("width"), pa.int64()), pc.cast(done.column("height"), pa.int64()))
+        t.megapixels = total(done, pixels) / 1e6
+        t.credits = total(done, "credits")
+        t.cpu_by_stage = {k[4:-3]: total(images, k) / 1e3 for k in ("cpu_prepare_ms", "cpu_detect_ms", "cpu_write_ms")}
         t.cpu_s = sum(t.cpu_by_stage.values())
-        t.gpu_s = sum(float(v or 0) for v in rows["gpu_detect_ms"]) / 1e3
+        t.gpu_s = total(images, "gpu_detect_ms") / 1e3
         return t
 
     def as_dict(self) -> dict:
