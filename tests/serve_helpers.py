@@ -130,3 +130,15 @@ def webhook_receiver():
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}", _Receiver.received
     server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def base(service) -> str:
+    """The base URL of the module's own `service` fixture."""
+    return service[0]
+
+
+@pytest.fixture(scope="module")
+def alice(base) -> httpx.Client:
+    with httpx.Client(base_url=base, headers={"Authorization": signin(base, "alice")}, timeout=120) as client:
+        yield client

@@ -27,6 +27,7 @@ from jobs.api.service import ServiceConfig
 
 face_photo = serve_helpers.face_photo  # fixtures, found by pytest under their own names
 webhook_receiver = serve_helpers.webhook_receiver
+base, alice = serve_helpers.base, serve_helpers.alice
 
 
 @pytest.fixture(scope="module")
@@ -37,17 +38,6 @@ def service(tmp_path_factory):
                            max_upload_bytes=MAX_UPLOAD, webhook_hosts=("127.0.0.1",), warm_classes=("face",))
     with running(config) as url:
         yield url, root / "storage"
-
-
-@pytest.fixture(scope="module")
-def base(service) -> str:
-    return service[0]
-
-
-@pytest.fixture(scope="module")
-def alice(base) -> httpx.Client:
-    with httpx.Client(base_url=base, headers={"Authorization": signin(base, "alice")}, timeout=120) as client:
-        yield client
 
 
 @pytest.fixture(scope="module")

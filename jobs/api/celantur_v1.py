@@ -42,13 +42,7 @@ MEDIA_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "metadata": "applicatio
 
 def celantur_user(request: Request, token: str | None = Security(_token)) -> str:
     """The signed-in user; 401 in Celantur's shape otherwise (also used by the container routes)."""
-    service = get_service(request)
-    try:
-        user = service.auth.check_token(token)
-    except AuthError as exc:
-        raise ApiError(401, str(exc)) from None
-    service.limiter.guard(user, lambda e: ApiError(429, str(e), {"Retry-After": f"{e.retry_after:.0f}"}))
-    return user
+    return get_service(request).signed_in(token, ApiError)
 
 
 class SignIn(BaseModel):

@@ -27,7 +27,6 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 from fastapi.security import APIKeyHeader
 
-from jobs.api.auth import AuthError
 from jobs.api.celantur_v1 import IMAGE_BODY, NAME_PARAM
 from jobs.api.errors import CelanturV2Error
 from jobs.api.params import ParamError, openapi_parameters, task_query
@@ -53,14 +52,8 @@ _link_params = [{"name": n, "in": "query", "required": True, "schema": {"type": 
 
 
 def v2_user(request: Request, token: str | None = Security(_token)) -> str:
-    service = get_service(request)
-    try:
-        user = service.auth.check_token(token)
-    except AuthError as exc:
-        raise CelanturV2Error(401, str(exc)) from None
-    service.limiter.guard(user, lambda e: CelanturV2Error(429, str(e), "RATE_LIMITED",
-                                                          {"Retry-After": f"{e.retry_after:.0f}"}))
-    return user
+    return get_service(request).signed_in(
+        token, lambda status, message, headers: CelanturV2Error(status, message, headers=headers))
 
 
 def _load(request: Request, task_id: str, user: str | None = None) -> dict:

@@ -31,7 +31,7 @@ from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
-from jobs.api.auth import Auth
+from jobs.api.auth import Auth, AuthError
 from jobs.api.credits import Accounts
 from jobs.api.links import LinkError, Links, is_s3
 from jobs.api.params import ParamError, build_task_spec, recorded
@@ -118,6 +118,16 @@ class Service:
         from jobs.api.service_jobs import ServiceJobs  # it drives this service's pool and processor
 
         self.jobs = ServiceJobs(self)
+
+    def signed_in(self, token: str | None, error) -> str:
+        """The user of a sign-in token (Celantur v1, container, v2), within the rate limit; else
+        `error(status, message, headers)`, the calling API's own error, with 401 or 429."""
+        try:
+            user = self.auth.check_token(token)
+        except AuthError as exc:
+            raise error(401, str(exc), None) from None
+        self.limiter.guard(user, lambda e: error(429, str(e), {"Retry-After": f"{e.retry_after:.0f}"}))
+        return user
 
     def close(self) -> None:
         self.jobs.close()
