@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import psutil
 import ray
 
 from jobs.spec import JobSpec
@@ -69,11 +70,28 @@ def ray_session() -> Iterator[None]:
             ray.shutdown()
         return
     # address="local": a cluster left by `ray start` on this machine is not joined by accident
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(**local_ray_options())
     try:
         yield
     finally:
         ray.shutdown()
+
+
+OBJECT_STORE_PER_CPU = 512 * 2**20
+
+
+def local_ray_options(cpus: int | None = None) -> dict:
+    """ray.init arguments of the local Ray a job starts on one machine.
+
+    The object store is capped at 512 MiB per CPU (at least 1 GiB) instead of Ray's 30 % of RAM:
+    the pipeline streams small blocks, and every page of the store a worker has read stays in
+    that worker's RSS (shared, but counted), so a 7 GiB store let the detection actor's RSS grow
+    with the job. Beyond the cap Ray Data waits (backpressure) or spills to disk; nothing fails."""
+    cpus = cpus or os.cpu_count() or 1
+    default = int(0.3 * psutil.virtual_memory().total)
+    store = min(default, max(2**30, OBJECT_STORE_PER_CPU * cpus))
+    return {"address": "local", "num_cpus": cpus, "object_store_memory": store, "include_dashboard": False,
+            "logging_level": logging.WARNING}
 
 
 @dataclass

@@ -35,6 +35,11 @@ EXCLUDES = [
 ]
 # Exit status of `veil submit --wait` by final Ray status (FAILED passes the driver's own code on).
 EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 3}
+# Ray's monitor of an ended job notices that its supervisor actor is gone a second or two after the end,
+# then reads the job's status by submission id: if a new job of the same id exists by then, it marks
+# that one FAILED ("Job supervisor actor died", seen with Ray 2.60 on a resume right after a stop). So
+# an id is reused only this long after its job ended.
+REUSE_AFTER_S = 5.0
 
 
 class RayJobNotFound(LookupError):
@@ -166,6 +171,10 @@ def submit(address: str | None, command: list[str], job_id: str | None = None, p
     if previous is not None:
         if not JobStatus(previous).is_terminal():
             raise SpecError(f"job-id: {job_id} is already {previous} on this cluster (veil cancel {job_id} ...)")
+        ended_ms = client.get_job_info(sid).end_time
+        wait = REUSE_AFTER_S - (time.time() - ended_ms / 1000 if ended_ms else 0.0)
+        if wait > 0:
+            time.sleep(min(wait, REUSE_AFTER_S))
         client.delete_job(sid)  # Ray refuses a submission id twice; the job's output stays as it is
     client.submit_job(
         entrypoint=entrypoint(run_args),

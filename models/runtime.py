@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+
 import onnxruntime as ort
 
 
@@ -33,3 +36,25 @@ def make_session(model_bytes: bytes, device: str = "cpu", threads: int = 0) -> o
     # that spinning takes CPU from them.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model_bytes, sess_options=opts, providers=providers_for(device))
+
+
+def _libc_trim():
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        return None
+
+
+_MALLOC_TRIM = _libc_trim()
+
+
+def release_freed_memory() -> None:
+    """Give the heap memory freed by the last batch back to the OS.
+
+    With ORT's arena off, every activation tensor is a malloc/free; glibc keeps the freed pages of
+    its per-thread arenas for reuse, so a detection actor's RSS crept to ~700 MiB with the five
+    default models where 270 MiB is in use (plates photos at 512 px, measured with and without a
+    trim after each image). malloc_trim costs microseconds; a no-op where libc has none."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)

@@ -35,6 +35,7 @@ from models.passes import (
     vehicle_crop_views,
     wrap_seam,
 )
+from models.runtime import release_freed_memory
 from operators.codecs import jpeg_header_segments, png_chunks
 from operators.orientation import boxes_to_stored
 
@@ -72,8 +73,14 @@ class Detector:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         t0, cpu0 = time.perf_counter(), time.process_time()
         todo = [i for i, s in enumerate(batch["status"]) if s == "pending"]
-        images = [_det_image(batch, i) for i in todo]
-        found = self.detect(images, [self._is_panorama(batch, i) for i in todo])
+        # A GPU gains from a batch; the CPU provider does not (one image at a time ran 8.7 img/s
+        # against 5.2 in batches of 8 for the face models at 512 px, and peaked 200 MiB lower).
+        step = max(len(todo), 1) if self.on_gpu else 1
+        found = []
+        for k in range(0, len(todo), step):
+            part = todo[k:k + step]
+            found += self.detect([_det_image(batch, i) for i in part], [self._is_panorama(batch, i) for i in part])
+            release_freed_memory()
         per_item_ms = (time.perf_counter() - t0) * 1e3 / max(len(todo), 1)
         # compute cost: this process's CPU time (all ONNX Runtime threads), and the GPU held meanwhile
         cpu_ms = (time.process_time() - cpu0) * 1e3 / max(len(todo), 1)

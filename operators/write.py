@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 
 from models.detections import CLASSES, Detections
+from models.runtime import release_freed_memory
 from operators.anonymize import AnonymizeOptions, anonymize, draw_debug
 from operators.codecs import decode_full, encode, strip_jpeg_metadata, with_original_metadata
 from operators.manifest import DETECTIONS_SCHEMA, IMAGES_SCHEMA, new_part_name, write_part
@@ -61,6 +62,7 @@ def write_batch(batch: dict[str, np.ndarray], options: WriteOptions) -> dict[str
             given_back.append((image_row["item_id"], reserved))
     if given_back and options.ledger is not None:
         options.ledger.release(given_back)
+    release_freed_memory()  # full-resolution frames were decoded and freed
     cpu_ms = (time.process_time() - cpu0) * 1e3 / max(len(image_rows), 1)
     for r in image_rows:
         r["cpu_write_ms"] = cpu_ms

@@ -7,10 +7,12 @@ pytest finds fixtures outside a conftest.
 
 from __future__ import annotations
 
+import io
 import json
 import socket
 import threading
 import time
+import zipfile
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -70,6 +72,16 @@ def signin(base: str, user: str) -> str:
     body = r.json()
     assert body["TokenType"] == "Bearer" and body["ExpiresIn"] > 0
     return body["AccessToken"]
+
+
+def zip_of(folder: Path, chosen: list[dict]) -> bytes:
+    """A zip of the chosen photos under cam/, plus a text file (a member that is not an image)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for im in chosen:
+            z.write(folder / Path(im["file"]).name, f"cam/{Path(im['file']).name}")
+        z.writestr("cam/readme.txt", "not a photo")
+    return buf.getvalue()
 
 
 def wait_for(fetch, done, timeout: float = 90, every: float = 0.2) -> dict:

@@ -20,7 +20,7 @@ import schemathesis
 import serve_helpers
 from hypothesis import HealthCheck, settings
 from schemathesis.config import SchemathesisConfig
-from serve_helpers import SECRET, face_and_rest_diff, running, signin, wait_done, wait_for, write_users
+from serve_helpers import SECRET, face_and_rest_diff, running, signin, wait_done, wait_for, write_users, zip_of
 
 from jobs.api.auth import Auth
 from jobs.api.links import Links
@@ -69,15 +69,6 @@ def resigned(url: str, expires: int) -> str:
     parts = urlsplit(url)
     signature = Links(Auth(secret=SECRET.encode()).link_key).signature("PUT", parts.path, expires)
     return f"{parts.scheme}://{parts.netloc}{parts.path}?expires={expires}&signature={signature}"
-
-
-def zip_of(folder: Path, chosen: list[dict]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as z:
-        for im in chosen:
-            z.write(folder / Path(im["file"]).name, f"cam/{Path(im['file']).name}")
-        z.writestr("cam/readme.txt", "not a photo")
-    return buf.getvalue()
 
 
 # --- Celantur v2 ---

@@ -1,105 +1,15 @@
-"""`veil submit` / `veil cancel` against a real Ray head started here, reading and writing moto's S3.
-
-The head lives in its own temp dir (so `ray_current_cluster` is written there, never in /tmp/ray where
-the session's own `ray.init()` would look) and its own process group, which the teardown kills.
-`ray stop` is never used: it would stop every Ray on the machine.
-"""
+"""`veil submit` / `veil cancel` against a real Ray head (conftest's `ray_head`), reading and writing moto's S3."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-import psutil
 import pytest
 
 from jobs.cli import main
 from jobs.submit import RayJobNotFound, mark_cancelled, ray_job_info, runtime_env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _default_address_file() -> Path:
-    from ray._common.utils import get_ray_address_file
-
-    return Path(get_ray_address_file(None))
-
-
-def _kill_head(proc: subprocess.Popen, temp: str, gcs_port: int) -> None:
-    """SIGTERM the head's process group, SIGKILL what is left, then the job drivers Ray put in
-    sessions of their own (found by our temp dir or our GCS port, killed by pid)."""
-    for sig, grace in ((signal.SIGTERM, 3), (signal.SIGKILL, 5)):  # a throwaway head: no need to be gentle
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            proc.wait(grace)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            mine = temp in " ".join(p.info["cmdline"] or []) or f":{gcs_port}" in p.environ().get("RAY_ADDRESS", "")
-            if mine and p.pid != os.getpid():
-                p.kill()
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-
-
-@pytest.fixture(scope="module")
-def ray_head(s3_endpoint):
-    """A one-node Ray cluster with its dashboard (the Jobs API) on 127.0.0.1; yields its address."""
-    address_file = _default_address_file()
-    saved = address_file.read_text() if address_file.exists() else None
-    temp = tempfile.mkdtemp(prefix="veilray-", dir="/tmp")  # short: Ray's unix sockets live under it
-    gcs, dash = _free_port(), _free_port()
-    ports = {name: _free_port() for name in (
-        "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-        "runtime-env-agent-port", "metrics-export-port", "node-manager-port", "object-manager-port")}
-    bin_dir = str(Path(sys.executable).parent)  # this Python's `ray`, and its `python` for the job's driver
-    cmd = [os.path.join(bin_dir, "ray"), "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
-           "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-           "--num-cpus=2", "--num-gpus=0", "--object-store-memory=400000000", f"--temp-dir={temp}",
-           "--disable-usage-stats", *[f"--{k}={v}" for k, v in ports.items()]]
-    # A test cluster on loopback: no token auth (the client here would need RAY_AUTH_MODE=token).
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env |= {"RAY_AUTH_MODE": "disabled", "PATH": bin_dir + os.pathsep + env.get("PATH", "")}
-    log = open(Path(temp) / "start.log", "w")  # open for the head's lifetime, closed in teardown
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{dash}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(url + "/api/version", timeout=2).read()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail("ray head did not start:\n" + (Path(temp) / "start.log").read_text()[-3000:])
-                time.sleep(0.5)
-        yield url
-    finally:
-        _kill_head(proc, temp, gcs)
-        log.close()
-        # Our head wrote its address under its own temp dir; make sure the default file is as it was.
-        if saved is None:
-            address_file.unlink(missing_ok=True)
-        elif address_file.read_text() != saved:
-            address_file.write_text(saved)
-        subprocess.run(["rm", "-rf", temp], check=False)
 
 
 def _s3_args(s3_endpoint: str) -> list[str]:

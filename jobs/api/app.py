@@ -59,6 +59,7 @@ def create_app(config: ServiceConfig | None = None) -> FastAPI:
 
             spec = build_spec({"inputs": ["-"], "output": "-", **{c: True for c in config.warm_classes}})
             await asyncio.to_thread(service.processor.warm_up, spec)
+        service.recovery.start()  # take up what stopped replicas left (its first sweep runs in its thread)
         yield
         service.close()
 
@@ -90,7 +91,8 @@ def app_from_env() -> FastAPI:
     in each replica (`uvicorn --factory jobs.api.app:app_from_env --workers 4`, Ray Serve's
     `@serve.ingress(app_from_env)`). STORAGE, STORAGE_OPTIONS (JSON), USERS, MAX_UPLOAD_MB,
     MAX_ARCHIVE_MB, WORKERS, WEBHOOK_HOSTS (comma-separated), ALLOW_URL_FETCH (1), DEVICE, WARM
-    (classes, comma-separated), PUBLIC_URL, PRICING, AUTO_APPROVE_BELOW."""
+    (classes, comma-separated), PUBLIC_URL, PRICING, AUTO_APPROVE_BELOW, RAY_ADDRESS (default: the
+    RAY_ADDRESS variable, as for `veil serve`; "" = in-process), REQUEUE_AFTER (s)."""
     import json
     import os
 
@@ -118,4 +120,6 @@ def app_from_env() -> FastAPI:
         device=env.get("DEVICE", "auto"),
         warm_classes=tuple(c.strip().replace("-", "_") for c in env.get("WARM", "face,license-plate").split(",")
                            if c.strip()),
+        ray_address=env.get("RAY_ADDRESS", os.environ.get("RAY_ADDRESS")) or None,
+        requeue_after_s=int(env.get("REQUEUE_AFTER", "600")),
     ))

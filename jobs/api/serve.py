@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import logging
+import os
 import secrets
 import sys
 
@@ -43,6 +44,12 @@ def add_serve_command(sub) -> None:
          help="let FaceBlurest's photo_url make this server fetch a URL (off: any URL it can reach is exposed)")
     _opt(p, "--webhook-host", action="append", metavar="HOST",
          help="only these hosts may receive webhooks (repeatable; default: any host)")
+    _opt(p, "--ray-address", default=os.environ.get("RAY_ADDRESS") or None,
+         help="run Syntonym jobs on this Ray cluster through its Jobs API, e.g. http://head:8265, as `veil submit` "
+              "does (default: RAY_ADDRESS; unset: in this process). Image tasks always run here")
+    _opt(p, "--requeue-after", type=int, default=600,
+         help="re-queue image tasks left queued/processing this many seconds by a replica that stopped; "
+              "checked at start-up and as often (default 600; 0 = never)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where detection runs")
     p.add_argument("--warm", default="face,license-plate",
                    help="classes whose models load at start-up (comma-separated; '' = on first use)")
@@ -93,6 +100,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_archive_upload_bytes=int(args.max_archive_mb * 2**20),
         pricing=args.pricing,
         auto_approve_below=args.auto_approve_below,
+        ray_address=args.ray_address or None,
+        requeue_after_s=max(0, args.requeue_after),
     )
     if not args.users:
         logging.getLogger("veil.serve").warning("no --users file: nobody can sign in")

@@ -10,7 +10,8 @@ finds the object. Its spec is rebuilt from what task.json recorded, so any repli
 Processing runs on a bounded thread pool, synchronous calls included (they wait for their turn,
 ahead of queued asynchronous tasks), so a burst of requests cannot start more model runs than
 `workers` at once; asynchronous calls beyond `max_queue` waiting tasks are refused with 503
-instead of piling up in memory.
+instead of piling up in memory. A task left `queued` or `processing` by a replica that stopped is
+taken up again by the next sweep of any replica (recovery.py).
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import mimetypes
-import os
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -39,12 +38,13 @@ from jobs.api.pool import BACKGROUND, WAITING, PriorityPool
 from jobs.api.processor import ImageProcessor, Processed
 from jobs.api.ratelimit import RateLimiter
 from jobs.api.tasks import DEFAULT_STORAGE, FILE_NAMES, OUTPUTS, TaskNotFound, TaskStore, public
+from jobs.api.uploads import UploadTooLarge, read_capped  # re-exported: the routers take them from here
 from jobs.report import now_iso
 from jobs.spec import JobSpec
 from jobs.webhook import post_report
 from operators.codecs import encode
 from operators.items import UnsafePath, safe_rel_path, sniff_format
-from operators.storage import LOCAL_PROTOCOLS, filesystem, join, read_bytes
+from operators.storage import filesystem, join, read_bytes
 
 log = logging.getLogger("veil.serve")
 
@@ -73,10 +73,8 @@ class ServiceConfig:
     auto_approve_below: float | None = None  # API jobs quoted below start at once; None: the pricing table's
     job_threads: int = 2  # API jobs driven at once (their images go through the same `workers`)
     rate_limit_per_minute: int = 600  # requests per user / API key per minute in this replica; 0 = no limit
-
-
-class UploadTooLarge(Exception):
-    pass
+    ray_address: str | None = None  # Syntonym jobs go to this Ray cluster (Jobs API); None: run in-process
+    requeue_after_s: int = 600  # a task queued/processing this long without a change is re-queued; 0 = never
 
 
 class Busy(Exception):
@@ -85,19 +83,6 @@ class Busy(Exception):
 
 def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
-
-
-async def read_capped(request: Request, limit: int) -> bytes:
-    """The request body, refused as soon as it passes `limit` bytes (never buffered past it)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise UploadTooLarge(f"the body is {int(declared)} bytes, over the {limit} byte limit")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise UploadTooLarge(f"the body passes the {limit} byte limit")
-    return bytes(body)
 
 
 class Service:
@@ -114,10 +99,13 @@ class Service:
         self._waiting = 0
         self._lock = threading.Lock()
         self._task_locks = [threading.Lock() for _ in range(64)]  # striped: one upload check per task at a time
+        self.mine: set[str] = set()  # tasks this replica has queued or is processing: never "stranded"
 
+        from jobs.api.recovery import Recovery
         from jobs.api.service_jobs import ServiceJobs  # it drives this service's pool and processor
 
         self.jobs = ServiceJobs(self)
+        self.recovery = Recovery(self)
 
     def signed_in(self, token: str | None, error) -> str:
         """The user of a sign-in token (Celantur v1, container, v2), within the rate limit; else
@@ -130,6 +118,7 @@ class Service:
         return user
 
     def close(self) -> None:
+        self.recovery.close()
         self.jobs.close()
         self.pool.shutdown()
         self.hooks.shutdown(wait=False, cancel_futures=True)
@@ -269,38 +258,6 @@ class Service:
             raise TaskNotFound(path) from None
         return data, mimetypes.guess_type(relative)[0] or "application/octet-stream"
 
-    async def receive_file(self, request: Request, url: str, limit: int) -> int:
-        """Stream the request body to the storage object `url` through a temporary file, refusing it
-        past `limit` bytes (UploadTooLarge): memory holds one chunk whatever the size, and the
-        object appears whole or not at all. Returns the size."""
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise UploadTooLarge(f"the body is {int(declared)} bytes, over the {limit} byte limit")
-        fs, path = filesystem(url, self.config.storage_options)
-        local = fs.protocol in LOCAL_PROTOCOLS or "file" in fs.protocol
-        spool = None
-        if local:  # on the storage's disk, so the final rename is atomic; not in the folder a job lists
-            spool = filesystem(join(self.config.storage, ".partial"), {})[1]
-            os.makedirs(spool, exist_ok=True)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix="veil-upload-", suffix=".part", dir=spool)
-        size = 0
-        try:
-            with os.fdopen(fd, "wb") as f:
-                async for chunk in request.stream():
-                    size += len(chunk)
-                    if size > limit:
-                        raise UploadTooLarge(f"the body passes the {limit} byte limit")
-                    f.write(chunk)
-            if local:
-                os.replace(tmp, path)
-            else:
-                await asyncio.to_thread(fs.put_file, tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return size
-
     # --- running them ---
     async def run_in_pool(self, fn, *args):
         """`fn(*args)` on the processing pool, awaited: bounded like every other model run."""
@@ -331,6 +288,7 @@ class Service:
 
     def _submit(self, doc: dict, spec: JobSpec) -> None:
         doc["task_status"] = "queued"
+        self.mine.add(doc["id"])
         self.store.save(doc)
         self.pool.submit(BACKGROUND, self._queued, doc["id"], spec)
 
@@ -339,11 +297,19 @@ class Service:
         try:
             doc = self.store.load(task_id)
         except TaskNotFound:
+            self.mine.discard(task_id)
             return  # deleted while it waited
         self.process(doc, spec)
 
     def process(self, doc: dict, spec: JobSpec) -> dict:
         """processing -> done | failed; never raises (a failure is the task's status)."""
+        self.mine.add(doc["id"])
+        try:
+            return self._process(doc, spec)
+        finally:
+            self.mine.discard(doc["id"])
+
+    def _process(self, doc: dict, spec: JobSpec) -> dict:
         doc.update(task_status="processing", started=now_iso())
         self.store.save(doc)
         try:

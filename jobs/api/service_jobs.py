@@ -4,6 +4,7 @@
     STORAGE/jobs/<job_id>/job.json           the job report (jobs.report), as `veil status|report` read it
     STORAGE/jobs/<job_id>/manifest/ images/ masks/ metadata/    as in any veil job
     STORAGE/jobs/<job_id>/callback.json      notify_on_job_status: the URL, and the outcome of the POST
+    STORAGE/jobs/<job_id>/service.json       whose job it is (also in job.json, which a Ray job rewrites)
     STORAGE/credits/<account>/<job_id>.json  the job's reservation, then its charge (credits.py)
 
 Status: new (waiting for its uploads) -> awaiting_approval (quoted) -> queued -> processing -> done |
@@ -22,7 +23,8 @@ Archives are walked lazily (`operators.archives.expand_rows`, a generator: zip m
 ranged reads when their batch is prepared, members of solid blocks one at a time as the walk reaches
 them), for the quote and for the run alike. What comes out is a veil job (manifest, job.json,
 outputs); its totals and credits come from the manifest (`jobs.run.finish`), as for `veil run`.
-For a job too large for one machine, run `veil run` on the cluster instead.
+With `ray_address` (`veil serve --ray-address`) none of this runs here: an approved job is submitted
+to that Ray cluster as a `veil run` (ray_jobs.py), and settled when any replica sees it end.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from typing import TYPE_CHECKING
 from jobs.api.auth import ApiKey
 from jobs.api.credits import InsufficientCredits
 from jobs.api.pool import BACKGROUND
+from jobs.api.ray_jobs import RayJobs
 from jobs.api.service import iso
 from jobs.api.tasks import TASK_ID
 from jobs.job_store import JobBusy, JobNotFound, delete_job, syntonym_report
@@ -81,11 +84,14 @@ class ServiceJobs:
         self._locks = [threading.Lock() for _ in range(64)]  # striped: one state change per job at a time
         self._stopping = threading.Event()
         self._queued: dict[str, Future] = {}  # jobs this replica queued and has not finished
+        self.ray = RayJobs(self, config.ray_address) if config.ray_address else None  # where approved jobs run
 
     def close(self) -> None:
         """Running jobs end `cancelled` at their next batch; queued ones are marked so now: either
         way approve_job resumes them (on any replica)."""
         self._stopping.set()
+        if self.ray is not None:
+            self.ray.close()
         for job_id, future in list(self._queued.items()):
             if future.cancel():
                 try:
@@ -95,7 +101,8 @@ class ServiceJobs:
                     pass
         self.runner.shutdown(wait=False, cancel_futures=True)
 
-    def _lock(self, job_id: str) -> threading.Lock:
+    def lock(self, job_id: str) -> threading.Lock:
+        """The job's lock in this replica (not reentrant: take it once)."""
         return self._locks[int(job_id[:8], 16) % len(self._locks)]
 
     # --- making and finding jobs ---
@@ -109,6 +116,8 @@ class ServiceJobs:
         # base_url: where the links in a callback point when the server has no --public-url
         report.doc.update(classes=classes, service={"api": api, "owner": owner, "account": key.account,
                                                     "files": files, "base_url": base_url})
+        write_atomic(join(self.output, job_id, "service.json"), json.dumps(report.doc["service"]).encode(),
+                     self.storage_options)
         report.set("new", f"waiting for {len(files)} upload(s)")
         return report.doc
 
@@ -117,6 +126,12 @@ class ServiceJobs:
         if not isinstance(job_id, str) or not TASK_ID.fullmatch(job_id):
             raise JobNotFound(job_id)
         doc = try_load_report(join(self.output, job_id), self.storage_options)
+        if doc is not None and "service" not in doc:  # run_job on a Ray cluster rewrote it without ours
+            try:
+                doc["service"] = json.loads(read_bytes(join(self.output, job_id, "service.json"),
+                                                       self.storage_options))
+            except FileNotFoundError:
+                doc = None  # a job of the same output that this service did not make
         mine = doc is not None and (owner is None or doc["service"]["owner"] == owner) and (
             api is None or doc["service"]["api"] == api)
         if not mine:
@@ -144,11 +159,14 @@ class ServiceJobs:
     # --- uploads in, quote, approval ---
     def refresh(self, doc: dict) -> dict:
         """A `new` job whose uploads are all in the storage is quoted: `awaiting_approval`, or queued
-        at once when under the auto-approve limit and covered by the balance."""
+        at once when under the auto-approve limit and covered by the balance. A job on a Ray cluster
+        that ended is settled first (charged, called back), by whichever replica sees it first."""
+        if self.ray is not None:
+            doc = self.ray.settle(doc)
         if doc["status"] != "new":
             return doc
         job_id = doc["job_id"]
-        with self._lock(job_id):
+        with self.lock(job_id):
             doc = self.load(job_id)
             if doc["status"] != "new" or self.missing(doc):
                 return doc
@@ -203,7 +221,7 @@ class ServiceJobs:
         balance does not cover the quote. A failed or cancelled job is resumed."""
         doc = self.refresh(doc)
         job_id = doc["job_id"]
-        with self._lock(job_id):
+        with self.lock(job_id):
             doc = self.load(job_id)
             status = doc["status"]
             if status == "new":
@@ -215,7 +233,9 @@ class ServiceJobs:
                 self._queue(report, "resumed: items finished earlier are kept")
                 return "approved", report.doc
             if status != "awaiting_approval":
-                return ("auto" if doc.get("approved_by") == "auto" else "already"), doc
+                by = doc.get("approved_by")  # a Ray job's run rewrote job.json: its submission record has it
+                by = by or ((self.ray.record(job_id) or {}).get("approved_by") if self.ray else None)
+                return ("auto" if by == "auto" else "already"), doc
             key = self.key_of(doc)
             if key is None:
                 raise InsufficientCredits("the API key this job is billed to is no longer valid")
@@ -227,6 +247,9 @@ class ServiceJobs:
     def _queue(self, report: JobReport, description: str) -> None:
         job_id = report.doc["job_id"]
         report.set("queued", description)
+        if self.ray is not None:
+            self.ray.submit(report)  # the cluster runs it; this replica may stop meanwhile
+            return
         future = self.runner.submit(self._run, job_id)
         self._queued[job_id] = future
         future.add_done_callback(lambda _: self._queued.pop(job_id, None))
@@ -316,7 +339,8 @@ class ServiceJobs:
         job_id = doc["job_id"]
         write_atomic(self._callback_url(job_id), json.dumps({"url": url, "registered_at": now_iso()}).encode(),
                      self.storage_options)
-        if self.load(job_id)["status"] in ENDED:
+        ended = self.load(job_id)["status"] in ENDED
+        if ended and (self.ray is None or self.ray.settled(job_id)):  # else whoever settles it calls back
             self.service.hooks.submit(self.notify, job_id)
         return {"job_id": job_id, "callback_url": url, "registered": True}
 
@@ -341,13 +365,15 @@ class ServiceJobs:
         """Outputs, manifest and uploads removed, the reservation dropped (a charge stays); JobBusy
         while it runs."""
         job_id = doc["job_id"]
-        with self._lock(job_id):
-            doc = delete_job(self.output, job_id, storage_options=self.storage_options)
+        if self.ray is not None:
+            self.ray.settle(doc)  # a Ray job whose driver died ends here, instead of staying busy
+        with self.lock(job_id):
+            deleted = delete_job(self.output, job_id, storage_options=self.storage_options)
             fs, path = filesystem(join(self.uploads, job_id), self.storage_options)
             if fs.exists(path):
                 fs.rm(path, recursive=True)
             self.service.accounts.release(doc["service"]["account"], job_id)
-        return doc
+        return {**deleted, "service": doc["service"]}  # a Ray job's job.json has no service part of its own
 
 
 def chunks(rows: Iterable[dict], max_rows: int, max_bytes: int) -> Iterator[list[dict]]:

@@ -40,6 +40,7 @@ from jobs.api.errors import SyntonymError
 from jobs.api.params import ParamError, check_webhook_host
 from jobs.api.service import UploadTooLarge, download_response, get_service, iso, read_capped, verify_link
 from jobs.api.service_jobs import JobBusy, JobNotFound
+from jobs.api.uploads import receive_file
 from jobs.spec import SpecError
 from operators.items import UnsafePath, kind_of, safe_rel_path, sniff_format
 from operators.storage import join, write_atomic
@@ -204,7 +205,7 @@ async def upload(request: Request, job_id: str, file_name: str) -> dict:
     limit = service.config.max_archive_upload_bytes if archive else service.config.max_upload_bytes
     url = join(service.config.storage, service.jobs.upload_object(job_id, file_name))
     try:
-        size = await service.receive_file(request, url, limit)
+        size = await receive_file(request, url, limit, service.config.storage, service.config.storage_options)
     except UploadTooLarge as exc:
         raise SyntonymError(413, str(exc)) from None
     doc = await run_in_threadpool(service.jobs.refresh, doc)
