@@ -11,6 +11,10 @@ comparable even on a noisy machine:
 With `--pass-through DIR` (images with nothing to anonymize) the pipeline also runs over that set:
 its img/s and its write-stage time per image against the full pass's.
 With `--repeat N` every image is used N times under new names (more items for a steady state).
+When the images carry ground truth (`--labels annotations.json`, or IMAGES_DIR is the `images/`
+folder of a set in the shared eval format), the detections of the pipeline and of the peer are
+scored against it as `veil eval` scores them, so "faster at no lower recall" is checked in the same
+run as the speed.
 """
 
 from __future__ import annotations
@@ -91,10 +95,22 @@ def bench_pipeline(images_dir: str, fields: dict, out_dir: str, job_id: str = "b
     steady_n = int(np.sum(times > lo))
     mp = float((rows["width"] * rows["height"]).sum() / 1e6)
     stage_ms = {c: round(float(rows[c].mean()), 2) for c in rows.columns if c.startswith("t_")}
+    found = _found_in_manifest(Path(out_dir) / spec.job_id, rows)
     return {"img_s": _rate(steady_n, hi - lo), "img_s_wall": _rate(len(rows), wall), "wall_s": round(wall, 2),
             "mp_s": _rate(mp * steady_n / max(len(rows), 1), hi - lo), "stage_ms_per_item": stage_ms,
             "peak_rss_mb": rss.mb(), "detections": doc["totals"]["detections"], "items": len(rows),
-            "anonymized_images": int(rows["anonymized"].sum()), **_write_stage(rows)}
+            "anonymized_images": int(rows["anonymized"].sum()), **_write_stage(rows), "_found": found}
+
+
+def _found_in_manifest(job_root: Path, rows) -> dict[str, list[dict]]:
+    """Detection rows of the job by image file name (rel_path; replicas keep their r<k>- prefix)."""
+    names = dict(zip(rows["item_id"], rows["rel_path"], strict=True))
+    found: dict[str, list[dict]] = {}
+    det_dir = job_root / "manifest" / "detections"
+    if det_dir.is_dir() and any(det_dir.iterdir()):
+        for r in pq.read_table(det_dir).to_pylist():
+            found.setdefault(names[r["item_id"]], []).append(r)
+    return found
 
 
 def _write_stage(rows) -> dict:
@@ -149,17 +165,19 @@ def bench_peer(images_dir: str) -> dict | None:
         return None
     centerface = CenterFace(in_shape=None, backend="onnxrt")
     rows = [r for r in list_sources([images_dir]) if r["kind"] == "image"]
-    times = []
+    times, found = [], {}
     for row in rows:
         t0 = time.perf_counter()
         frame = iio.imread(row["source_url"])
         dets, _ = centerface(frame, threshold=0.2)
+        found[row["rel_path"]] = [{"class": "face", "score": float(d[4]), "x1": float(d[0]), "y1": float(d[1]),
+                                   "x2": float(d[2]), "y2": float(d[3])} for d in dets]
         anonymize_frame(dets, frame, mask_scale=1.3, replacewith="blur", ellipse=True, draw_scores=False,
                         replaceimg=None, mosaicsize=20)
         iio.imwrite(io.BytesIO(), frame, format="jpeg")
         times.append(time.perf_counter() - t0)
     steady = times[1:] or times
-    return {"img_s": _rate(len(steady), sum(steady))}
+    return {"img_s": _rate(len(steady), sum(steady)), "_found": found}
 
 
 def replicate(images_dir: str, repeat: int, dest: Path) -> str:
@@ -175,8 +193,35 @@ def replicate(images_dir: str, repeat: int, dest: Path) -> str:
     return str(dest)
 
 
+def find_labels(images_dir: str, labels: str | None = None) -> dict | None:
+    """Ground truth of the bench images: `labels`, else the annotations.json of the eval-format set
+    whose images/ folder IMAGES_DIR is; None when there is none."""
+    if labels:
+        return json.loads(Path(labels).read_text())
+    folder = Path(images_dir)
+    candidate = folder.parent / "annotations.json"
+    return json.loads(candidate.read_text()) if folder.name == "images" and candidate.is_file() else None
+
+
+def score_found(labels: dict, found: dict[str, list[dict]], classes: list[str], repeat: int) -> dict:
+    """Recall and precision per class against the labels (veil eval's matching), on the first copy
+    of each image; found is keyed by the file's relative path in the bench folder."""
+    from jobs.evaluate import score_set
+
+    prefix = "r0-" if repeat > 1 else ""
+    by_file = {im["file"]: found.get(prefix + Path(im["file"]).name, []) for im in labels["images"]}
+    labelled = {b["label"] for im in labels["images"] for b in im["boxes"]}
+    scored = score_set(labels, by_file, [c for c in classes if c in labelled])
+    out = {}
+    for cls, r in scored["classes"].items():
+        b = r["buckets"]
+        out[cls] = {"recall": b.get("all", {}).get("recall"), "recall_ge20": b.get(">=20", {}).get("recall"),
+                    "precision_ge20": b.get(">=20", {}).get("precision"), "boxes": b.get("all", {}).get("boxes")}
+    return out
+
+
 def run_bench(images_dir: str, fields: dict, json_path: str | None = None, peer: bool = True,
-              repeat: int = 1, pass_through_dir: str | None = None) -> dict:
+              repeat: int = 1, pass_through_dir: str | None = None, labels: str | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="veil-bench-") as tmp:
         images = replicate(images_dir, repeat, Path(tmp) / "in-full")
         result = {
@@ -192,6 +237,14 @@ def run_bench(images_dir: str, fields: dict, json_path: str | None = None, peer:
         if pass_through_dir:
             plain = replicate(pass_through_dir, repeat, Path(tmp) / "in-pass-through")
             result["pass_through"] = bench_pipeline(plain, fields, tmp, job_id="pass-through")
+    truth = find_labels(images_dir, labels)
+    found = {name: (result[name] or {}).pop("_found", None) for name in ("pipeline", "peer")}
+    found.update(pass_through=(result.get("pass_through") or {}).pop("_found", None))
+    if truth is not None:
+        classes = build_spec({**fields, "inputs": [images_dir], "output": "/tmp"}).resolve_models()[0]
+        result["quality"] = {"pipeline": score_found(truth, found["pipeline"], classes, repeat)}
+        if found["peer"] is not None:
+            result["quality"]["peer"] = score_found(truth, found["peer"], ["face"], repeat)
     ours = result["pipeline"]["img_s"]
     result["ratios"] = {
         "pipeline_vs_bare": round(ours / max(result["bare"]["img_s"], 1e-9), 3),
@@ -218,5 +271,9 @@ def format_bench(result: dict) -> str:
     if "pass_through_vs_full" in result["ratios"]:
         lines.append(f"pass-through/full {result['ratios']['pass_through_vs_full']} (img/s), write stage "
                      f"{result['ratios']['pass_through_write_stage_speedup']}x faster per image")
+    for who, per_class in (result.get("quality") or {}).items():
+        for cls, q in per_class.items():
+            lines.append(f"{who} {cls}: recall {q['recall']} (>= 20 px {q['recall_ge20']}), "
+                         f"precision >= 20 px {q['precision_ge20']}, {q['boxes']} labelled")
     lines.append(f"peak RSS (MB): {result['pipeline']['peak_rss_mb']}")
     return "\n".join(lines)

@@ -186,7 +186,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     fields = {c: True for c in (args.classes or "").replace("-", "_").split(",") if c}
     result = run_bench(args.images_dir, fields, args.json, peer=not args.no_peer, repeat=args.repeat,
-                       pass_through_dir=args.pass_through)
+                       pass_through_dir=args.pass_through, labels=args.labels)
     print(format_bench(result))
     if args.json:
         print(f"written: {args.json}")
@@ -269,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(bench, "--repeat", type=int, default=1, help="use every image N times under new names (default 1)")
     _opt(bench, "--pass-through", metavar="DIR",
          help="also run a set with nothing to anonymize and compare its speed with the full pass")
+    _opt(bench, "--labels", metavar="FILE",
+         help="ground truth (annotations.json, shared eval format) to score the pipeline's and the peer's "
+              "detections against (default: IMAGES_DIR/../annotations.json when IMAGES_DIR is a set's images/)")
     bench.set_defaults(func=cmd_bench)
 
     demo = sub.add_parser("demo", help="run a job on sample photos shipped by installed packages")

@@ -8,13 +8,15 @@ from jobs.bench import format_bench, run_bench
 
 
 def test_bench_reports_all_runs(photos, ray_local, tmp_path, shared_dir, eval_annotations):
-    folder, _ = photos("faces", 2)
+    folder, chosen = photos("faces", 2)
+    labels = tmp_path / "labels.json"  # ground truth of the two photos: the bench scores what it found
+    labels.write_text(json.dumps({"images": chosen}))
     empty = tmp_path / "empty"  # COCO photos with no person or vehicle: nothing to anonymize
     empty.mkdir()
     for im in [im for im in eval_annotations("coco")["images"] if not im["boxes"]][:2]:
         (empty / im["file"].split("/")[-1]).write_bytes((shared_dir / "eval/coco" / im["file"]).read_bytes())
     result = run_bench(str(folder), {"face": True}, str(tmp_path / "bench.json"), peer=False, repeat=2,
-                       pass_through_dir=str(empty))
+                       pass_through_dir=str(empty), labels=str(labels))
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["ratios"] == result["ratios"]
     for run in ("pipeline", "bare", "codec"):
@@ -25,3 +27,6 @@ def test_bench_reports_all_runs(photos, ray_local, tmp_path, shared_dir, eval_an
     assert "pipeline/bare" in format_bench(result) and "pass-through/full" in format_bench(result)
     assert result["pipeline"]["items"] == 4 and result["pass_through"]["items"] == 4  # --repeat 2
     assert result["ratios"]["pass_through_write_stage_speedup"] > 1
+    face = result["quality"]["pipeline"]["face"]  # faces/ photos: every labelled face is found (README)
+    assert face["boxes"] == sum(len(im["boxes"]) for im in chosen) and face["recall"] >= 0.9
+    assert "recall" in format_bench(result) and "_found" not in saved["pipeline"]
