@@ -31,6 +31,7 @@ import numpy as np
 import psutil
 import pyarrow.parquet as pq
 
+from jobs.evaluate import detections_by_rel_path
 from jobs.spec import build_spec
 from models.fetch import prepared_weights
 from operators.codecs import decode_full, encode
@@ -95,22 +96,11 @@ def bench_pipeline(images_dir: str, fields: dict, out_dir: str, job_id: str = "b
     steady_n = int(np.sum(times > lo))
     mp = float((rows["width"] * rows["height"]).sum() / 1e6)
     stage_ms = {c: round(float(rows[c].mean()), 2) for c in rows.columns if c.startswith("t_")}
-    found = _found_in_manifest(Path(out_dir) / spec.job_id, rows)
+    found = detections_by_rel_path(Path(out_dir) / spec.job_id)  # replicas keep their r<k>- prefix
     return {"img_s": _rate(steady_n, hi - lo), "img_s_wall": _rate(len(rows), wall), "wall_s": round(wall, 2),
             "mp_s": _rate(mp * steady_n / max(len(rows), 1), hi - lo), "stage_ms_per_item": stage_ms,
             "peak_rss_mb": rss.mb(), "detections": doc["totals"]["detections"], "items": len(rows),
             "anonymized_images": int(rows["anonymized"].sum()), **_write_stage(rows), "_found": found}
-
-
-def _found_in_manifest(job_root: Path, rows) -> dict[str, list[dict]]:
-    """Detection rows of the job by image file name (rel_path; replicas keep their r<k>- prefix)."""
-    names = dict(zip(rows["item_id"], rows["rel_path"], strict=True))
-    found: dict[str, list[dict]] = {}
-    det_dir = job_root / "manifest" / "detections"
-    if det_dir.is_dir() and any(det_dir.iterdir()):
-        for r in pq.read_table(det_dir).to_pylist():
-            found.setdefault(names[r["item_id"]], []).append(r)
-    return found
 
 
 def _write_stage(rows) -> dict:

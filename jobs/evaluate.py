@@ -183,16 +183,22 @@ def evaluate(set_dir: str | Path, classes: list[str] | None = None, thresholds: 
 
 
 def _read_manifest(job_root: Path, set_dir: Path) -> dict[str, list[dict]]:
-    images = pq.read_table(job_root / "manifest" / "images").to_pylist()
-    by_item = {r["item_id"]: "images/" + r["rel_path"] for r in images}
+    images = pq.read_table(job_root / "manifest" / "images", columns=["rel_path", "status"]).to_pylist()
     failed = [r["rel_path"] for r in images if r["status"] != "done"]
     if failed:
         raise RuntimeError(f"{len(failed)} images failed in the eval job, e.g. {failed[:3]}")
+    return {"images/" + name: rows for name, rows in detections_by_rel_path(job_root).items()}
+
+
+def detections_by_rel_path(job_root: Path) -> dict[str, list[dict]]:
+    """A finished job's detection rows (manifest) by the image's relative path."""
+    images = pq.read_table(job_root / "manifest" / "images", columns=["item_id", "rel_path"]).to_pylist()
+    names = {r["item_id"]: r["rel_path"] for r in images}
     found: dict[str, list[dict]] = {}
     det_dir = job_root / "manifest" / "detections"
     if det_dir.exists() and any(det_dir.iterdir()):
         for r in pq.read_table(det_dir).to_pylist():
-            found.setdefault(by_item[r["item_id"]], []).append(r)
+            found.setdefault(names[r["item_id"]], []).append(r)
     return found
 
 
