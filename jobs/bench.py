@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from jobs.evaluate import detections_by_rel_path
 from jobs.spec import build_spec
 from models.fetch import prepared_weights
+from models.runtime import backend_for
 from operators.codecs import decode_full, encode
 from operators.detect import Detector, to_stored_pixels
 from operators.prepare import prepare_item
@@ -117,7 +118,7 @@ def bench_bare(images_dir: str, fields: dict, out_dir: str) -> dict:
     spec = build_spec({**fields, "inputs": [images_dir], "output": out_dir})
     classes, models = spec.resolve_models()
     detector = Detector([(e.model_dump(), prepared_weights(e)) for e in models.values()], classes,
-                        spec.thresholds(), "cpu", os.cpu_count() or 1)
+                        spec.thresholds(), backend_for("cpu", spec.cpu_backend), os.cpu_count() or 1)
     options = WriteOptions(job_id="bare", job_root=str(Path(out_dir) / "bare"), anonymize=spec.anonymize_options(),
                            quality=spec.quality)
     rows = [r for r in list_sources([images_dir]) if r["kind"] == "image"]

@@ -13,7 +13,7 @@ import yaml
 
 from jobs.job_store import JobBusy, JobNotFound
 from jobs.pricing import PricingError
-from jobs.spec import SpecError, build_spec
+from jobs.spec import CPU_BACKEND_HELP, CPU_BACKENDS, SpecError, build_spec
 from operators.sources import InputError
 
 
@@ -39,7 +39,7 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
     _opt(p, "--method", choices=["blur", "pixelate", "blacken", "detect"],
          help="blur (default) | pixelate | blacken | detect (masks and metadata only)")
     _opt(p, "--bbox", action="store_true", default=None, help="anonymize the whole box, not the inscribed ellipse")
-    for cls, default in (("face", 0.2), ("license-plate", 0.5), ("person", 0.4), ("vehicle", 0.4)):
+    for cls, default in (("face", 0.15), ("license-plate", 0.5), ("person", 0.4), ("vehicle", 0.4)):
         _opt(p, f"--{cls}-threshold", type=float, help=f"minimum score 0..1 (default {default})")
     for cls, default in (("face", "0.35"), ("license-plate", "0.5"), ("person", "95"), ("vehicle", "61")):
         _opt(p, f"--kernel-size-{cls}", type=float,
@@ -71,8 +71,11 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
     _opt(p, "--storage-option", type=_storage_option, action="append", dest="storage_option",
          metavar="KEY=VALUE", help="fsspec option for remote URLs, e.g. endpoint_url=http://127.0.0.1:9000, anon=true")
     _opt(p, "--models", help="extra model catalog (YAML/JSON) to add to the built-in one")
+    _opt(p, "--detect-models", help="comma-separated catalog models to run instead of the defaults of the "
+                                     "classes asked for, e.g. centerface (see `veil models list`)")
     _opt(p, "--device", choices=["auto", "cpu", "cuda"],
          help="where detection runs (default auto: cuda if the cluster has GPUs)")
+    _opt(p, "--cpu-backend", choices=list(CPU_BACKENDS), help=CPU_BACKEND_HELP)
     _opt(p, "--det-max-side", type=int, help="longer side of the detection copy in px (default 2048)")
     _opt(p, "--max-pixels", type=int, help="images with more pixels fail as TOO_LARGE (default 250000000)")
     _opt(p, "--batch-size", type=int, help="images per detection batch (default 8)")
@@ -100,6 +103,8 @@ def _add_run_controls(p: argparse.ArgumentParser) -> None:
 
 
 RUN_CONTROLS = ("approve", "auto_approve_below", "retry_failed")
+BENCH_JOB_OPTIONS = ("detect_models", "face_threshold", "license_plate_threshold", "person_threshold",
+                     "vehicle_threshold", "cpu_backend", "det_max_side")
 EXIT_AWAITING_APPROVAL = 3  # `veil run` stopped with a quote: not an error, not done either
 
 
@@ -185,6 +190,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from jobs.bench import format_bench, run_bench
 
     fields = {c: True for c in (args.classes or "").replace("-", "_").split(",") if c}
+    fields.update({k: v for k in BENCH_JOB_OPTIONS if (v := getattr(args, k)) is not None})
     result = run_bench(args.images_dir, fields, args.json, peer=not args.no_peer, repeat=args.repeat,
                        pass_through_dir=args.pass_through, labels=args.labels)
     print(format_bench(result))
@@ -240,7 +246,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         combine=args.combine, tiling=args.tiling, vehicle_crops=args.vehicle_crops, extra=args.models,
         ensemble=args.ensemble,
     )
-    spec_extra = {k: getattr(args, k) for k in ("det_max_side", "batch_size", "detect_actors", "device")
+    spec_extra = {k: getattr(args, k) for k in ("det_max_side", "batch_size", "detect_actors", "device", "cpu_backend")
                   if getattr(args, k) is not None}
     result = evaluate(args.set_dir, classes, thresholds, catalog, args.json, log=lambda *_: None, **spec_extra)
     print(format_report(result))
@@ -269,6 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(bench, "--repeat", type=int, default=1, help="use every image N times under new names (default 1)")
     _opt(bench, "--pass-through", metavar="DIR",
          help="also run a set with nothing to anonymize and compare its speed with the full pass")
+    _opt(bench, "--detect-models", help="comma-separated catalog models to run instead of the defaults")
+    for cls in ("face", "license-plate", "person", "vehicle"):
+        _opt(bench, f"--{cls}-threshold", type=float, help=f"minimum {cls.replace('-', ' ')} score 0..1")
+    _opt(bench, "--cpu-backend", choices=list(CPU_BACKENDS), help=CPU_BACKEND_HELP)
+    _opt(bench, "--det-max-side", type=int, help="longer side of the detection copy in px (default 2048)")
     _opt(bench, "--labels", metavar="FILE",
          help="ground truth (annotations.json, shared eval format) to score the pipeline's and the peer's "
               "detections against (default: IMAGES_DIR/../annotations.json when IMAGES_DIR is a set's images/)")
@@ -301,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(ev, "--batch-size", type=int, help="images per detection batch")
     _opt(ev, "--detect-actors", type=int, help="number of detection actors")
     _opt(ev, "--device", choices=["auto", "cpu", "cuda"], help="where detection runs")
+    _opt(ev, "--cpu-backend", choices=list(CPU_BACKENDS), help=CPU_BACKEND_HELP)
     _opt(ev, "--json", help="write the figures to this JSON file")
     ev.set_defaults(func=cmd_eval)
     from jobs.cli_lifecycle import add_lifecycle_commands

@@ -20,6 +20,7 @@ import ray
 
 from jobs.spec import JobSpec
 from models.catalog import ModelEntry
+from models.runtime import backend_for
 from operators.archives import ArchiveOptions, expand_rows
 from operators.budget import Billing, CreditLedger
 from operators.detect import Detector
@@ -102,6 +103,7 @@ class Resources:
     threads_per_actor: int
     device: str
     cpus_per_actor: int = 1  # what each detection actor reserves from Ray's scheduler
+    backend: str = "cpu"  # the inference backend of the actors (models.runtime.BACKENDS)
 
 
 def plan_resources(spec: JobSpec) -> Resources:
@@ -115,7 +117,7 @@ def plan_resources(spec: JobSpec) -> Resources:
     cpus, gpus = int(total.get("CPU", 1)), int(total.get("GPU", 0))
     device = spec.device if spec.device != "auto" else ("cuda" if gpus else "cpu")
     if device == "cuda":
-        return Resources(cpus, gpus, spec.detect_actors or max(gpus, 1), 1, device, 0)
+        return Resources(cpus, gpus, spec.detect_actors or max(gpus, 1), 1, device, 0, "cuda")
     node_cpus = max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=cpus)
     # ONNX Runtime parallelises inside one session well; few actors with several threads each.
     actors = spec.detect_actors or max(1, cpus // 4)
@@ -127,7 +129,7 @@ def plan_resources(spec: JobSpec) -> Resources:
         # actor holding a CPU left none for the writer, which then never ran (a 2 GB zip stalled
         # with 294 blocks waiting). There the actor reserves nothing and shares the cores.
         per_actor = 0
-    return Resources(cpus, gpus, actors, threads, device, per_actor)
+    return Resources(cpus, gpus, actors, threads, device, per_actor, backend_for(device, spec.cpu_backend))
 
 
 class RemoteLedger:
@@ -220,7 +222,7 @@ def build_dataset(
             "model_refs": model_refs,
             "classes": classes,
             "thresholds": spec.thresholds(),
-            "device": res.device,
+            "device": res.backend,
             "threads": res.threads_per_actor,
             "format": spec.detect_format(),
         },

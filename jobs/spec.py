@@ -11,17 +11,23 @@ import json
 import re
 import secrets
 from datetime import datetime, timezone
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from models.catalog import ModelEntry, classes_with_models, default_models, load_catalog
+from models.catalog import ModelEntry, classes_with_models, default_models, load_catalog, vehicle_helper
 from models.detections import CLASSES
 from operators.anonymize import METHODS, AnonymizeOptions
 
 DEFAULT_CLASSES = ("face", "license_plate")  # the street-view default when no class flag is given
 SECRET_WORDS = ("secret", "key", "token", "password", "credential", "sas", "auth")
 
+
+# How models run on CPUs (models/runtime.py): OpenVINO computes in bf16 where the CPU does natively.
+CpuBackend = Literal["auto", "openvino", "openvino-f32", "onnxruntime"]
+CPU_BACKENDS = get_args(CpuBackend)
+CPU_BACKEND_HELP = ("how models run on CPUs (default auto: openvino where installed, else onnxruntime); "
+                    "openvino uses bf16 where the CPU computes it natively, openvino-f32 never")
 
 class SpecError(ValueError):
     """A job spec that cannot run; the message names the option and what is allowed."""
@@ -73,7 +79,7 @@ class JobSpec(BaseModel):
 
     method: Literal["blur", "pixelate", "blacken", "detect"] = "blur"
     bbox: bool = Field(False, description="anonymize the box instead of the inscribed ellipse")
-    face_threshold: float = Field(0.2, ge=0.0, le=1.0)  # the averaged 3-model face ensemble scores lower
+    face_threshold: float = Field(0.15, ge=0.0, le=1.0)  # the averaged 3-model face ensemble scores lower
     license_plate_threshold: float = Field(0.5, ge=0.0, le=1.0)
     person_threshold: float = Field(0.4, ge=0.0, le=1.0)
     vehicle_threshold: float = Field(0.4, ge=0.0, le=1.0)
@@ -100,7 +106,10 @@ class JobSpec(BaseModel):
 
     storage_options: dict = Field(default_factory=dict, description="fsspec options for remote URLs")
     models: str | None = Field(None, description="extra model catalog file (YAML/JSON)")
+    detect_models: list[str] | None = Field(
+        None, description="catalog models to run, e.g. centerface (default: every default model of each class)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    cpu_backend: CpuBackend = Field("auto", description=CPU_BACKEND_HELP)
     det_max_side: int = Field(2048, ge=256, le=16384, description="longer side of the detection copy, px")
     max_pixels: int = Field(250_000_000, ge=1, description="larger images are refused as TOO_LARGE")
     batch_size: int = Field(8, ge=1, le=1024, description="images per detection batch")
@@ -156,6 +165,16 @@ class JobSpec(BaseModel):
         if isinstance(v, TileFormat):
             return v
         raise ValueError(f"must be {FORMAT_HELP}")
+
+    @field_validator("detect_models", mode="before")
+    @classmethod
+    def _model_list(cls, v: object) -> object:
+        """A comma-separated string (a flag, a form field) or a list of names."""
+        if isinstance(v, str):
+            v = [name.strip() for name in v.split(",") if name.strip()]
+        if isinstance(v, list) and not v:
+            raise ValueError("name at least one catalog model")
+        return v
 
     @field_validator("job_id")
     @classmethod
@@ -224,7 +243,22 @@ class JobSpec(BaseModel):
         classes = [c for c in classes if c in served]
         if not classes:
             raise SpecError(f"no class to detect; choose from {sorted(served)} (--face, --license-plate, ...)")
+        if self.detect_models:
+            return classes, self._named_models(catalog, classes)
         return classes, default_models(catalog, classes)
+
+    def _named_models(self, catalog: dict[str, ModelEntry], classes: list[str]) -> dict[str, ModelEntry]:
+        """--detect-models: exactly those models (plus the vehicle finder two-stage plates need)."""
+        unknown = [n for n in self.detect_models if n not in catalog]
+        if unknown:
+            raise SpecError(f"detect-models: unknown model(s) {unknown}; the catalog has {sorted(catalog)}")
+        chosen = {n: catalog[n] for n in self.detect_models}
+        unserved = [c for c in classes if not any(c in e.veil_classes for e in chosen.values())]
+        if unserved:
+            raise SpecError(f"detect-models: none of {self.detect_models} detects {unserved}; models by class: "
+                            + "; ".join(f"{c}: {sorted(n for n, e in catalog.items() if c in e.veil_classes)}"
+                                        for c in unserved))
+        return vehicle_helper(catalog, chosen)
 
 
 def build_spec(fields: dict) -> JobSpec:

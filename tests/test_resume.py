@@ -76,7 +76,7 @@ def test_kill_minus_nine_then_resume_is_exactly_once(ray_local, photos, tmp_path
 
 def test_sigterm_ends_a_running_job_as_cancelled(photos, tmp_path):
     """What `veil cancel`, `ray job stop` and Kubernetes send: the job says it was cancelled."""
-    src, _ = photos("wider", 12)
+    src, _ = photos("wider", 80)  # enough that the job is still running when the signal comes
     out = tmp_path / "out"
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", str(src), str(out), "--job-id", "t"],

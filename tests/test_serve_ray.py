@@ -218,7 +218,8 @@ def test_tasks_left_queued_by_a_stopped_replica_are_requeued_by_the_next(tmp_pat
 
     with running(config) as url:
         headers = {"Authorization": signin(url, "alice"), "Content-Type": "image/jpeg", "x-is-async": "true"}
-        ids = [httpx.post(f"{url}/task?face=true", content=data, headers=headers).json()["id"] for _ in range(4)]
+        # enough that some are still queued when the replica stops, however fast it is
+        ids = [httpx.post(f"{url}/task?face=true", content=data, headers=headers).json()["id"] for _ in range(16)]
     # stopped with one worker: the waiting tasks were dropped; the one in progress ends by itself
     wait_for(lambda: [status(i) for i in ids], lambda s: "processing" not in s, timeout=60)
     left = [i for i in ids if status(i) == "queued"]

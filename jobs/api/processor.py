@@ -22,6 +22,7 @@ from models.adapters import adapter_class
 from models.catalog import ModelEntry
 from models.detections import CLASSES, Detections
 from models.fetch import prepared_weights
+from models.runtime import backend_for
 from operators.budget import Billing
 from operators.detect import Detector
 from operators.prepare import prepare_batch, prepare_item
@@ -118,11 +119,9 @@ def rows_batch(rows: list[dict]) -> dict[str, np.ndarray]:
 
 
 def _pick_device(device: str) -> str:
-    if device != "auto":
-        return device
-    try:
+    """The inference backend (models.runtime.BACKENDS) for the service's --device."""
+    if device == "auto":
         import onnxruntime as ort
 
-        return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
-    except ImportError:
-        return "cpu"
+        device = "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+    return backend_for(device)

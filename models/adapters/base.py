@@ -4,11 +4,27 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+import cv2
 import numpy as np
 
 from models.catalog import ModelEntry
 from models.detections import CLASSES, Detections
 from models.runtime import make_session
+
+
+def fill_chw(out: np.ndarray, img: np.ndarray, mean: tuple[float, float, float] = (0.0, 0.0, 0.0),
+             scale: float = 1.0, bgr: bool = False) -> None:
+    """Write an RGB uint8 image (H, W, 3) into the top-left of `out` (3, >= H, >= W, float) as
+    (pixel - mean) * scale per channel, planes in BGR order when `bgr`. Contiguous planes from
+    cv2.split, converted in place: a 1024 x 704 RetinaFace input took 8.4 ms as a transposed numpy
+    expression and 0.9 ms this way."""
+    h, w = img.shape[:2]
+    planes = cv2.split(img)
+    for c, plane in enumerate(planes[::-1] if bgr else planes):
+        dst = out[c, :h, :w]
+        np.subtract(plane, np.float32(mean[c]), out=dst, dtype=dst.dtype)
+        if scale != 1.0:
+            np.multiply(dst, dst.dtype.type(scale), out=dst)
 
 
 class Adapter(ABC):
@@ -23,6 +39,15 @@ class Adapter(ABC):
         self.entry = entry
         self.session = make_session(model_bytes, device, threads)
         self.input_name = self.session.get_inputs()[0].name
+        # Models with dynamic input dims see the image padded up to a multiple of this. OpenVINO
+        # prepares (and keeps) kernels per input shape: on WIDER's 197 photos, steps of 128 px
+        # make 12 shapes instead of 38, for 7 % more pixels (README, "Performance").
+        self.shape_step = 128 if device.startswith("openvino") else 32
+
+    def padded(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) rounded up to the model's shape step."""
+        step = self.shape_step
+        return (height + step - 1) // step * step, (width + step - 1) // step * step
 
     @abstractmethod
     def detect(self, images: list[np.ndarray], thresholds: dict[str, float]) -> list[Detections]:

@@ -3,7 +3,7 @@
 The published file has fixed 10x3x32x32 input dims and lists ~190 weight tensors as graph inputs;
 `prepare` makes the dims dynamic and drops those inputs, which lets onnxruntime fold and fuse them
 (the same detections, ~1.7x faster on CPU). Input: RGB 0..255, no normalisation, sides padded to a
-multiple of 32.
+multiple of 32 (128 under OpenVINO: see Adapter.shape_step).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from models.adapters.base import Adapter
+from models.adapters.base import Adapter, fill_chw
 from models.detections import Detections, nms
 
 STRIDE = 4
@@ -41,12 +41,11 @@ class CenterFace(Adapter):
         # One run per distinct padded size: a batch of same-sized frames runs as one tensor.
         groups: dict[tuple[int, int], list[int]] = {}
         for i, img in enumerate(images):
-            groups.setdefault(_padded(img.shape[:2]), []).append(i)
+            groups.setdefault(self.padded(*img.shape[:2]), []).append(i)
         for (ph, pw), idx in groups.items():
             blob = np.zeros((len(idx), 3, ph, pw), dtype=np.float32)
             for j, i in enumerate(idx):
-                h, w = images[i].shape[:2]
-                blob[j, :, :h, :w] = images[i].transpose(2, 0, 1)
+                fill_chw(blob[j], images[i])
             heat, scale, offset, _ = self.session.run(list(OUTPUTS), {self.input_name: blob})
             for j, i in enumerate(idx):
                 h, w = images[i].shape[:2]
@@ -67,11 +66,6 @@ class CenterFace(Adapter):
         scores = heat[ys, xs]
         keep = nms(boxes, scores, 0.3)
         return self.labelled(boxes[keep], scores[keep], ["face"] * len(keep))
-
-
-def _padded(shape: tuple[int, int]) -> tuple[int, int]:
-    h, w = shape
-    return (h + 31) // 32 * 32, (w + 31) // 32 * 32
 
 
 def _set_dims(value_info, dims: list) -> None:

