@@ -52,6 +52,10 @@ class Totals:
         self.cpu_s += float(np.sum(stats.get("cpu_ms", 0.0))) / 1e3
         self.gpu_s += float(np.sum(stats.get("gpu_ms", 0.0))) / 1e3
 
+    # The manifest columns from_manifest reads (with latest_rows' item_id and processed_at).
+    COLUMNS = ["item_id", "processed_at", "status", "failure_cause", "anonymized", "width", "height", "credits",
+               "cpu_prepare_ms", "cpu_detect_ms", "cpu_write_ms", "gpu_detect_ms", *(f"n_{c}" for c in CLASSES)]
+
     @classmethod
     def from_manifest(cls, images: pa.Table) -> Totals:
         """Totals over the manifest's latest row per item: the job's whole history, resumes included.
@@ -128,13 +132,15 @@ class JobReport:
         self.doc.update(status=status, description=description, **fields)
         self.save()
 
-    def progress(self, totals: Totals, expected: int, started: float, note: str = "") -> None:
+    def progress(self, totals: Totals, expected: int, started: float, note: str = "") -> bool:
+        """Totals into job.json, at most every `interval` s; True when it was written."""
         if time.monotonic() - self._last < self.interval:
-            return
+            return False
         self.doc["totals"] = totals.as_dict()
         self.doc["description"] = f"{totals.items} of {expected} items" + note
         self.doc["throughput_img_s"] = round(totals.items / max(time.monotonic() - started, 1e-9), 3)
         self.save()
+        return True
 
     def save(self) -> None:
         self._last = time.monotonic()

@@ -80,7 +80,8 @@ def run_job(
                 ds = build_dataset(spec, todo, classes, models, weights, job_root, res, billing, resume.finished)
                 for stats in ds.iter_batches(batch_size=256, batch_format="numpy"):
                     run_totals.add(stats)
-                    report.progress(run_totals, len(todo), started, note)
+                    if report.progress(run_totals, len(todo), started, note):
+                        log(f"  {report.doc['description']}, {report.doc['throughput_img_s']:g} img/s")
             if spec.repack == "zip":
                 report.doc["repack"] = repack(spec, sources, job_root)
     except BaseException as exc:
@@ -99,8 +100,8 @@ def run_job(
 
 def finish(report: JobReport, spec: JobSpec, pricing: Pricing, run: Totals, wall: float, started_at: str) -> None:
     """Totals, credits and cost from the manifest (so a resumed job counts each item once)."""
-    totals = Totals.from_manifest(latest_rows(read_table(report.doc["outputs"]["root"], "images",
-                                                         spec.storage_options)))
+    images = read_table(report.doc["outputs"]["root"], "images", spec.storage_options, columns=Totals.COLUMNS)
+    totals = Totals.from_manifest(latest_rows(images))
     credits = pricing.job_credits(totals.credits)
     if spec.max_credits is not None:
         credits = min(credits, spec.max_credits)  # the minimum per job never breaks the cap

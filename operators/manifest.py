@@ -92,13 +92,17 @@ def part_urls(job_root: str, table_name: str, storage_options: dict | None = Non
     return {p.rsplit("/", 1)[-1]: p for p in sorted(parts)}
 
 
-def read_table(job_root: str, table_name: str, storage_options: dict | None = None) -> pa.Table:
-    """All parts of one manifest table (an empty table with the schema if there are none)."""
+def read_table(job_root: str, table_name: str, storage_options: dict | None = None,
+               columns: list[str] | None = None) -> pa.Table:
+    """All parts of one manifest table (an empty table with the schema if there are none);
+    `columns`: only those (the driver's totals skip the long strings: URLs, paths, errors)."""
     from operators.storage import filesystem
 
     schema = IMAGES_SCHEMA if table_name == "images" else DETECTIONS_SCHEMA
+    if columns is not None:
+        schema = pa.schema([schema.field(c) for c in columns])
     fs, path = filesystem(join(job_root, "manifest", table_name), storage_options)
     parts = sorted(fs.glob(path + "/part-*.parquet")) if fs.exists(path) else []
     if not parts:
         return schema.empty_table()
-    return pa.concat_tables([pq.read_table(p, filesystem=fs, schema=schema) for p in parts])
+    return pa.concat_tables([pq.read_table(p, filesystem=fs, schema=schema, columns=columns) for p in parts])

@@ -98,6 +98,7 @@ def test_scale_10k_items(ray_local, shared_dir, tmp_path):
     if Path("bench-results").is_dir():
         Path("bench-results/scale.json").write_text(json.dumps(result, indent=2))
     assert a["done"] == small and b["done"] == large
-    assert 0.7 * (large / small) <= result["wall_ratio"] <= 1.3 * (large / small)
+    # ~10x: never worse than linear (fixed costs, such as starting the actors, make it a little less)
+    assert result["wall_ratio"] <= 1.3 * (large / small)
     # flat: the larger job's driver grows by no more than its listing's share over the smaller one's
     assert b["driver_rss_growth_mb"] <= a["driver_rss_growth_mb"] + 100
