@@ -4,9 +4,10 @@
     cpu       ONNX Runtime's CPU provider
     openvino  OpenVINO's CPU runtime (`pip install openvino`), behind the slice of ONNX Runtime's
               session interface the adapters use (get_inputs, get_outputs, get_modelmeta, run)
+    openvino-f32  the same, never in bf16
 
 On this project's 2-core AMD EPYC (Zen 4) OpenVINO ran the catalog's models 2.0-3.5x faster than
-ONNX Runtime's CPU provider (measured per model in the README, "Performance"), most of it from
+ONNX Runtime's CPU provider (measured per model in the README, "Models"), most of it from
 bf16 arithmetic on CPUs that have it (AVX512-BF16, AMX), which OpenVINO uses by default there.
 """
 
