@@ -229,8 +229,8 @@ def run_bench(images_dir: str, fields: dict, json_path: str | None = None, peer:
             plain = replicate(pass_through_dir, repeat, Path(tmp) / "in-pass-through")
             result["pass_through"] = bench_pipeline(plain, fields, tmp, job_id="pass-through")
     truth = find_labels(images_dir, labels)
-    found = {name: (result[name] or {}).pop("_found", None) for name in ("pipeline", "peer")}
-    found.update(pass_through=(result.get("pass_through") or {}).pop("_found", None))
+    # detections per image travel inside each run's result; they are scored here, not written out
+    found = {name: (result.get(name) or {}).pop("_found", None) for name in ("pipeline", "peer", "pass_through")}
     if truth is not None:
         classes = build_spec({**fields, "inputs": [images_dir], "output": "/tmp"}).resolve_models()[0]
         result["quality"] = {"pipeline": score_found(truth, found["pipeline"], classes, repeat)}

@@ -16,11 +16,16 @@ class UploadTooLarge(Exception):
     pass
 
 
-async def read_capped(request: Request, limit: int) -> bytes:
-    """The request body, refused as soon as it passes `limit` bytes (never buffered past it)."""
+def _refuse_declared_size(request: Request, limit: int) -> None:
+    """UploadTooLarge at once when Content-Length already says the body is over `limit`."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise UploadTooLarge(f"the body is {int(declared)} bytes, over the {limit} byte limit")
+
+
+async def read_capped(request: Request, limit: int) -> bytes:
+    """The request body, refused as soon as it passes `limit` bytes (never buffered past it)."""
+    _refuse_declared_size(request, limit)
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
@@ -34,9 +39,7 @@ async def receive_file(request: Request, url: str, limit: int, storage: str, sto
     past `limit` bytes (UploadTooLarge): memory holds one chunk whatever the size, and the
     object appears whole or not at all. `storage`: the service's root (a local one holds the
     temporary file, so the final rename is atomic). Returns the size."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise UploadTooLarge(f"the body is {int(declared)} bytes, over the {limit} byte limit")
+    _refuse_declared_size(request, limit)
     fs, path = filesystem(url, storage_options)
     local = fs.protocol in LOCAL_PROTOCOLS or "file" in fs.protocol
     spool = None
