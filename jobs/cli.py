@@ -104,7 +104,7 @@ def _add_run_controls(p: argparse.ArgumentParser) -> None:
 
 RUN_CONTROLS = ("approve", "auto_approve_below", "retry_failed")
 BENCH_JOB_OPTIONS = ("detect_models", "face_threshold", "license_plate_threshold", "person_threshold",
-                     "vehicle_threshold", "cpu_backend", "det_max_side")
+                     "vehicle_threshold", "cpu_backend", "det_max_side", "detect_actors")
 EXIT_AWAITING_APPROVAL = 3  # `veil run` stopped with a quote: not an error, not done either
 
 
@@ -223,7 +223,8 @@ def cmd_models(args: argparse.Namespace) -> int:
         else:
             print(json.dumps({"name": name, "adapter": entry.adapter, "classes": entry.classes,
                               "license": entry.license, "default_for": entry.default_for,
-                              "source": entry.source.model_dump(exclude_none=True)}))
+                              "source": entry.source.model_dump(exclude_none=True),
+                              **({"quantize": entry.quantize} if entry.quantize else {})}))
     return 0
 
 
@@ -280,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
         _opt(bench, f"--{cls}-threshold", type=float, help=f"minimum {cls.replace('-', ' ')} score 0..1")
     _opt(bench, "--cpu-backend", choices=list(CPU_BACKENDS), help=CPU_BACKEND_HELP)
     _opt(bench, "--det-max-side", type=int, help="longer side of the detection copy in px (default 2048)")
+    _opt(bench, "--detect-actors", type=int, help="detection actors in the pipeline run (default: from the CPUs)")
     _opt(bench, "--labels", metavar="FILE",
          help="ground truth (annotations.json, shared eval format) to score the pipeline's and the peer's "
               "detections against (default: IMAGES_DIR/../annotations.json when IMAGES_DIR is a set's images/)")

@@ -111,34 +111,59 @@ class Resources:
     detect_actors: int
     threads_per_actor: int
     device: str
-    cpus_per_actor: int = 1  # what each detection actor reserves from Ray's scheduler
+    cpus_per_actor: float = 1.0  # what each detection actor reserves from Ray's scheduler
     backend: str = "cpu"  # the inference backend of the actors (models.runtime.BACKENDS)
+    memory_per_actor: int = 2**30  # bytes each detection actor asks Ray for
 
 
-def plan_resources(spec: JobSpec) -> Resources:
+TASK_CPU_SHARE = 0.25  # of the CPUs left to the expand / prepare / write tasks on CPU jobs
+MIN_TASK_CPUS = 3  # one of each: Ray Data stalls a stage that can never get a CPU
+
+
+def actor_memory(backend: str, weights_bytes: int) -> int:
+    """Bytes a detection actor asks Ray for. Measured without ORT's CPU arena: ~0.5 GiB for the
+    face models, ~1 GiB for the five defaults; OpenVINO keeps kernels and buffers per input
+    shape: up to 1.3 GiB for the face models on WIDER. Ray asks for 1.25x what is used."""
+    base = 2**30 if backend.startswith("openvino") else 512 * 2**20
+    return base + 10 * weights_bytes
+
+
+def plan_resources(spec: JobSpec, weights_bytes: int = 0, batches: int | None = None) -> Resources:
     """Actor count and threads from the cluster's resources (overridable by the spec).
 
-    On CPU, about a fifth of the CPUs stay free for the decode/encode tasks; each actor runs as
-    many ONNX Runtime threads as its share (never more than the largest node has) and reserves
-    what it uses, so that Ray does not schedule tasks onto the same cores. On GPU, one actor per
-    GPU (`--detect-actors` when GPU nodes autoscale from zero and none are up yet)."""
+    On CPU: one single-threaded detection actor per CPU, as many as memory holds. Threads of
+    one session wait for each other at every layer, and one preempted by a decode task stalls
+    them all: on WIDER faces (CenterFace, 2 CPUs) 2 actors x 1 thread ran 14.1 img/s against
+    10.5 for 1 x 2 threads. A quarter of the CPUs (at least 3) stays unreserved for the tasks;
+    the actors reserve the rest between them, so Ray spreads them over the nodes (on a node of
+    3 CPUs or fewer they reserve nothing and share the cores). `--detect-actors N` picks the
+    count. `batches`: detection batches the job will have, when known (plain images, no
+    archives): no more actors than that. Fewer actors than CPUs (memory, batches or the user
+    chose) run CPUs/actors threads each. On GPU, one
+    actor per GPU (`--detect-actors` when GPU nodes autoscale from zero and none are up yet)."""
     total = ray.cluster_resources()
     cpus, gpus = int(total.get("CPU", 1)), int(total.get("GPU", 0))
     device = spec.device if spec.device != "auto" else ("cuda" if gpus else "cpu")
+    backend = backend_for(device, spec.cpu_backend)
+    memory = actor_memory(backend, weights_bytes)
     if device == "cuda":
-        return Resources(cpus, gpus, spec.detect_actors or max(gpus, 1), 1, device, 0, "cuda")
+        return Resources(cpus, gpus, spec.detect_actors or max(gpus, 1), 1, device, 0, backend, memory)
     node_cpus = max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=cpus)
-    # ONNX Runtime parallelises inside one session well; few actors with several threads each.
-    actors = spec.detect_actors or max(1, cpus // 4)
-    threads = max(1, min(node_cpus, cpus // actors))
-    reserve = max(1, cpus // 5)
-    per_actor = max(1, min(threads, (cpus - reserve) // actors))
-    if cpus - actors * per_actor < 2:
-        # Ray Data reserves one task's CPU for each stage in pipeline order: on a small node an
-        # actor holding a CPU left none for the writer, which then never ran (a 2 GB zip stalled
-        # with 294 blocks waiting). There the actor reserves nothing and shares the cores.
-        per_actor = 0
-    return Resources(cpus, gpus, actors, threads, device, per_actor, backend_for(device, spec.cpu_backend))
+    actors, threads, per_actor = cpu_actors(cpus, node_cpus, total.get("memory", 0), memory, spec.detect_actors,
+                                            batches)
+    return Resources(cpus, gpus, actors, threads, device, per_actor, backend, memory)
+
+
+def cpu_actors(cpus: int, node_cpus: int, memory_total: float, memory_each: int,
+               detect_actors: int | None = None, batches: int | None = None) -> tuple[int, int, float]:
+    """(actors, threads each, CPUs each reserves) for a CPU job: plan_resources' rule."""
+    fit = int(0.8 * memory_total // memory_each) if memory_total else cpus
+    actors = detect_actors or max(1, min(cpus, fit, batches or cpus))
+    threads = max(1, min(node_cpus, cpus // actors))  # 1 unless memory, batches or the user cap the actors
+    task_cpus = max(MIN_TASK_CPUS, round(cpus * TASK_CPU_SHARE))
+    # in steps of 0.05 CPU, so that the actors' reservations never add up past the free CPUs
+    per_actor = min(float(threads), int(20 * max(0, cpus - task_cpus) / actors) / 20)
+    return actors, threads, per_actor
 
 
 class RemoteLedger:
@@ -193,10 +218,6 @@ def build_dataset(
     """`billing` prices items (and reserves credits when it holds a ledger); `finished`: item ids
     an earlier run of this job finished (resume), dropped after archive expansion."""
     model_refs = [(models[name].model_dump(), ray.put(weights[name])) for name in models]
-    # Measured without ORT's CPU arena: ~0.5 GiB for the face models, ~1 GiB for the five defaults;
-    # OpenVINO keeps kernels and buffers per input shape: up to 1.3 GiB for the face models on WIDER.
-    base = 2**30 if res.backend.startswith("openvino") else 512 * 2**20
-    actor_memory = base + 10 * sum(len(w) for w in weights.values())  # Ray asks for 1.25x what is used
     blocks = max(1, min(len(sources), res.cpus * 8, 2000))
     ds = ray.data.from_items(sources, override_num_blocks=blocks)
     # --- archive expand stage (issue 4): archives become one row per member, listed on workers ---
@@ -228,7 +249,7 @@ def build_dataset(
         num_gpus=1 if res.device == "cuda" else 0,
         # The memory request reserves room for the sessions; being a different resource shape
         # from the prepare tasks, it also keeps Ray from fusing decoding into these actors.
-        memory=actor_memory,
+        memory=res.memory_per_actor,
         fn_constructor_kwargs={
             "model_refs": model_refs,
             "classes": classes,

