@@ -219,7 +219,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         if args.action == "fetch":
             path = fetch_weights(entry)
             prepared_weights(entry)
-            print(f"{name}: {path}")
+            print(f"{name}: {path}" + (f" (and its {entry.quantize} copy)" if entry.quantize else ""))
         else:
             print(json.dumps({"name": name, "adapter": entry.adapter, "classes": entry.classes,
                               "license": entry.license, "default_for": entry.default_for,

@@ -1,7 +1,7 @@
 """int8 copies of catalog models (`quantize: int8`), made here from the published weights.
 
 Why: on CPU an int8 CenterFace runs 1.36x faster than bf16 under OpenVINO (61 against 83 ms per
-WIDER photo on one thread) and finds the same faces (README, "Performance"). The published
+WIDER photo on one thread) and finds the same faces (README, "Detection quality"). The published
 weights stay the sha256-checked source; the int8 file is derived from them once, by ONNX
 Runtime's static quantization (QDQ, int8 weights per channel, uint8 activations), and cached
 with this recipe's version in its name.
