@@ -30,7 +30,17 @@ from operators.resume import drop_finished
 from operators.write import WriteOptions, write_batch
 
 PREPARE_BATCH = 4  # items per read+prepare task batch: small, since each holds a detection copy
-WRITE_BATCH = 8
+WRITE_BATCH = 8  # items per write task (and manifest part): small jobs show results sooner
+# From about this many items on, 32 per write task: 4x fewer manifest parts and less per-task state
+# in the driver (10,000 items: 93 s instead of 106, driver RSS +27 MiB instead of +48).
+LARGE_JOB_ITEMS, LARGE_JOB_WRITE_BATCH = 1000, 32
+ARCHIVE_BYTES_PER_ITEM = 256 * 1024  # for the estimate: archives are not listed before the job
+
+
+def expected_items(sources: list[dict]) -> int:
+    """Items a job will have, roughly: each plain file, and an archive's size over 256 KiB."""
+    return sum(1 if s.get("kind") != "archive" else max(1, int(s.get("size") or 0) // ARCHIVE_BYTES_PER_ITEM)
+               for s in sources)
 EXPAND_ROWS_PER_BLOCK = 16
 TASK_CPUS = 1  # one expand / prepare / write task (they stream: no need for more)
 
@@ -274,7 +284,8 @@ def build_dataset(
         storage_options=spec.storage_options,
         ledger=billing.ledger if billing else None,
     )
-    return ds.map_batches(write_batch, batch_size=WRITE_BATCH, batch_format="numpy", num_cpus=TASK_CPUS,
+    per_write = LARGE_JOB_WRITE_BATCH if expected_items(sources) >= LARGE_JOB_ITEMS else WRITE_BATCH
+    return ds.map_batches(write_batch, batch_size=per_write, batch_format="numpy", num_cpus=TASK_CPUS,
                           fn_kwargs={"options": options})
 
 

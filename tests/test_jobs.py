@@ -11,7 +11,7 @@ import pytest
 import ray
 
 from jobs.cli import EXIT_AWAITING_APPROVAL, main
-from jobs.pipeline import MIN_TASK_CPUS, RemoteLedger, cpu_actors
+from jobs.pipeline import MIN_TASK_CPUS, RemoteLedger, cpu_actors, expected_items
 from jobs.run import run_job
 from jobs.spec import build_spec
 
@@ -49,6 +49,13 @@ def test_cpu_jobs_get_one_single_threaded_actor_per_cpu_within_memory():
         actors, threads, each = cpu_actors(cpus, cpus, 1000 * gib, gib)
         assert actors == cpus and threads == 1
         assert actors * each <= max(0, cpus - MIN_TASK_CPUS), cpus  # the tasks always get their CPUs
+
+
+def test_expected_items_count_files_and_estimate_archives():
+    files = [{"kind": "image", "size": 10**6}] * 3 + [{"kind": "other", "size": 5}]
+    assert expected_items(files) == 4
+    archives = [{"kind": "archive", "size": 2 * 10**9}, {"kind": "archive", "size": 0}]
+    assert expected_items(files + archives) == 4 + 7629 + 1  # 2 GB over 256 KiB; an empty one counts 1
 
 
 def test_the_ledger_cap_holds_for_parallel_ray_tasks(ray_local):
