@@ -35,14 +35,14 @@ WRITE_BATCH = 8  # items per write task (and manifest part): small jobs show res
 # in the driver (10,000 items: 93 s instead of 106, driver RSS +27 MiB instead of +48).
 LARGE_JOB_ITEMS, LARGE_JOB_WRITE_BATCH = 1000, 32
 ARCHIVE_BYTES_PER_ITEM = 256 * 1024  # for the estimate: archives are not listed before the job
+EXPAND_ROWS_PER_BLOCK = 16
+TASK_CPUS = 1  # one expand / prepare / write task (they stream: no need for more)
 
 
 def expected_items(sources: list[dict]) -> int:
     """Items a job will have, roughly: each plain file, and an archive's size over 256 KiB."""
     return sum(1 if s.get("kind") != "archive" else max(1, int(s.get("size") or 0) // ARCHIVE_BYTES_PER_ITEM)
                for s in sources)
-EXPAND_ROWS_PER_BLOCK = 16
-TASK_CPUS = 1  # one expand / prepare / write task (they stream: no need for more)
 
 
 def archive_options(spec: JobSpec) -> ArchiveOptions:
@@ -149,8 +149,8 @@ def plan_resources(spec: JobSpec, weights_bytes: int = 0, batches: int | None = 
     3 CPUs or fewer they reserve nothing and share the cores). `--detect-actors N` picks the
     count. `batches`: detection batches the job will have, when known (plain images, no
     archives): no more actors than that. Fewer actors than CPUs (memory, batches or the user
-    chose) run CPUs/actors threads each. On GPU, one
-    actor per GPU (`--detect-actors` when GPU nodes autoscale from zero and none are up yet)."""
+    chose) run CPUs/actors threads each. On GPU, one actor per GPU (`--detect-actors` when GPU
+    nodes autoscale from zero and none are up yet)."""
     total = ray.cluster_resources()
     cpus, gpus = int(total.get("CPU", 1)), int(total.get("GPU", 0))
     device = spec.device if spec.device != "auto" else ("cuda" if gpus else "cpu")
@@ -171,8 +171,10 @@ def cpu_actors(cpus: int, node_cpus: int, memory_total: float, memory_each: int,
     actors = detect_actors or max(1, min(cpus, fit, batches or cpus))
     threads = max(1, min(node_cpus, cpus // actors))  # 1 unless memory, batches or the user cap the actors
     task_cpus = max(MIN_TASK_CPUS, round(cpus * TASK_CPU_SHARE))
-    # in steps of 0.05 CPU, so that the actors' reservations never add up past the free CPUs
-    per_actor = min(float(threads), int(20 * max(0, cpus - task_cpus) / actors) / 20)
+    # Rounded down (so the reservations never add up past the free CPUs) to what Ray accepts:
+    # a fraction below 1 (in steps of 0.05) or a whole number.
+    share = min(float(threads), max(0, cpus - task_cpus) / actors)
+    per_actor = float(int(share)) if share >= 1 else int(20 * share) / 20
     return actors, threads, per_actor
 
 

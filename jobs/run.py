@@ -22,7 +22,7 @@ from models.fetch import prepared_weights
 from operators.budget import Billing
 from operators.manifest import read_table
 from operators.repack import members_by_archive
-from operators.resume import ResumeState, latest_rows, resume_state
+from operators.resume import ResumeState, drop_duplicates, latest_rows, resume_state
 from operators.sources import check_output_outside_inputs, list_sources
 from operators.storage import join
 
@@ -95,6 +95,8 @@ def run_job(
                    finished_at=now_iso())
         notify(report, spec, log)
         raise
+    if earlier:  # writers of a killed earlier run may have finished items this run redid
+        drop_duplicates(job_root, spec.storage_options)
     finish(report, spec, pricing, run_totals, time.monotonic() - started, started_at)
     notify(report, spec, log)
     return report.doc

@@ -4,10 +4,11 @@ A job re-run with its job id skips the items whose latest images row is final: `
 for a reason other than the budget, or `failed` (unless failed items are retried). Credits are
 summed from `done` rows, so an item is never charged twice.
 
-A killed job can leave two kinds of leftovers, both removed by `compact_manifest` before the
+A killed job can leave two kinds of leftovers, both removed by `resume_state` before the
 job goes on: a detections part whose images part was never written (the writer writes
 detections first, under the same part name), and rows of items that will be processed again.
-Parts are rewritten under their own name (an atomic replace), so the pairing survives.
+Duplicates are dropped once more by `drop_duplicates` when the resumed job ends. Parts are
+rewritten under their own name (an atomic replace), so the pairing survives.
 """
 
 from __future__ import annotations
@@ -54,6 +55,19 @@ def is_final(images: pa.Table, retry_failed: bool) -> np.ndarray:
 
 def resume_state(job_root: str, retry_failed: bool = False, storage_options: dict | None = None) -> ResumeState:
     """Compact the manifest of an earlier run and say which items are finished."""
+    return _compact(job_root, storage_options, lambda latest: is_final(latest, retry_failed))
+
+
+def drop_duplicates(job_root: str, storage_options: dict | None = None) -> ResumeState:
+    """One row per item again, the latest, at the end of a resumed run. The writers of a killed
+    run can outlive its driver: after a SIGKILL of the driver's process group, its Ray workers
+    wrote 2 more parts over 2 s, so a resume started meanwhile processes those items again."""
+    return _compact(job_root, storage_options, lambda latest: np.ones(latest.num_rows, dtype=bool))
+
+
+def _compact(job_root: str, storage_options: dict | None, keep) -> ResumeState:
+    """Drop orphan detections parts and every images row but the latest of its item, of which
+    only those `keep(latest)` selects stay; return what stayed (`finished`) and what went."""
     state = ResumeState()
     fs, _ = filesystem(job_root, storage_options)
     images_parts = part_urls(job_root, "images", storage_options)
@@ -68,7 +82,7 @@ def resume_state(job_root: str, retry_failed: bool = False, storage_options: dic
     names = [n for n, t in zip(images_parts, tables, strict=True) for _ in range(t.num_rows)]
     everything = pa.concat_tables(tables).append_column("_part", pa.array(names))
     latest = latest_rows(everything)
-    winners = latest.filter(pa.array(is_final(latest, retry_failed)))
+    winners = latest.filter(pa.array(keep(latest)))
     state.finished = set(winners.column("item_id").to_pylist())
     done = pc.equal(winners.column("status"), "done")
     state.charged = float(pc.sum(pc.filter(winners.column("credits"), done)).as_py() or 0.0)

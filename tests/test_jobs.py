@@ -48,7 +48,10 @@ def test_cpu_jobs_get_one_single_threaded_actor_per_cpu_within_memory():
     for cpus in range(1, 130):
         actors, threads, each = cpu_actors(cpus, cpus, 1000 * gib, gib)
         assert actors == cpus and threads == 1
-        assert actors * each <= max(0, cpus - MIN_TASK_CPUS), cpus  # the tasks always get their CPUs
+        for n in (None, 1, 2, 3, 5, 7):
+            actors, threads, each = cpu_actors(cpus, cpus, 1000 * gib, gib, detect_actors=n)
+            assert actors * each <= max(0, cpus - MIN_TASK_CPUS), cpus  # the tasks always get their CPUs
+            assert each < 1 or each == int(each), each  # Ray refuses fractions above 1
 
 
 def test_expected_items_count_files_and_estimate_archives():

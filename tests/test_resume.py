@@ -13,10 +13,15 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from datetime import timedelta
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs.cli import main
+from operators.manifest import DETECTIONS_SCHEMA, IMAGES_SCHEMA, write_part
+from operators.resume import drop_duplicates
 
 
 def _wait_for(predicate, timeout: float, proc: subprocess.Popen) -> None:
@@ -72,6 +77,30 @@ def test_kill_minus_nine_then_resume_is_exactly_once(ray_local, photos, tmp_path
     assert doc["status"] == "done" and doc["totals"]["done"] == 24 and len(doc["runs"]) == 1
     dets = pq.read_table(out / "job/manifest/detections").to_pylist()
     assert Counter(d["item_id"] for d in dets) == {r["item_id"]: r["n_face"] for r in rows if r["n_face"]}
+
+
+def test_rows_written_late_by_a_killed_runs_workers_are_dropped_when_the_resume_ends(ray_local, photos, tmp_path):
+    """A SIGKILL of the driver's process group left its Ray workers writing parts for 2 s more; a
+    resume started meanwhile redoes those items. At its end each item has one row, the latest,
+    and the late part's detections go with it."""
+    src, _ = photos("faces", 4)
+    out = tmp_path / "out"
+    args = [str(src), str(out), "--job-id", "job", "--face"]
+    assert main(["run", *args]) == 0
+    job_root = str(out / "job")
+    images, detections = (pq.read_table(out / "job/manifest" / t) for t in ("images", "detections"))
+    late = images.set_column(images.schema.get_field_index("processed_at"), "processed_at",
+                             pc.subtract(images["processed_at"], pa.scalar(timedelta(seconds=30))))
+    write_part(job_root, "detections", detections, DETECTIONS_SCHEMA, part="part-killed-run-late.parquet")
+    write_part(job_root, "images", late, IMAGES_SCHEMA, part="part-killed-run-late.parquet")
+    # written after the resume compacted its start (what run_job calls when a resumed job ends)
+    state = drop_duplicates(job_root)
+    assert state.rows_dropped == images.num_rows and state.parts_removed == 2
+    rows = pq.read_table(out / "job/manifest/images").to_pylist()
+    assert sorted(r["item_id"] for r in rows) == sorted(images["item_id"].to_pylist())  # one row each
+    assert {r["processed_at"] for r in rows} == set(images["processed_at"].to_pylist())  # the latest kept
+    assert pq.read_table(out / "job/manifest/detections").num_rows == detections.num_rows
+    assert not list((out / "job/manifest").glob("*/part-killed-run-late*"))
 
 
 def test_sigterm_ends_a_running_job_as_cancelled(photos, tmp_path):

@@ -21,6 +21,7 @@ class PriorityPool:
     def __init__(self, workers: int, name: str = "veil-task"):
         self._queue: queue.PriorityQueue = queue.PriorityQueue()
         self._order = itertools.count()  # FIFO within a priority
+        self._stopped = threading.Event()
         self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(workers)]
         for t in self._threads:
             t.start()
@@ -35,6 +36,11 @@ class PriorityPool:
             _, _, fn, args, future = self._queue.get()
             if fn is None:
                 return
+            # a worker that took an item while shutdown drained the queue drops it too: otherwise a
+            # task a stopped replica left `queued` (for another to requeue) would still run here
+            if self._stopped.is_set():
+                future.cancel()
+                continue
             if not future.set_running_or_notify_cancel():
                 continue
             try:
@@ -44,6 +50,7 @@ class PriorityPool:
 
     def shutdown(self) -> None:
         """Stop taking work: queued items are dropped (their tasks stay `queued` in the storage)."""
+        self._stopped.set()
         while True:
             try:
                 _, _, fn, _, future = self._queue.get_nowait()

@@ -345,11 +345,15 @@ class ServiceJobs:
         return {"job_id": job_id, "callback_url": url, "registered": True}
 
     def notify(self, job_id: str) -> None:
-        """POST the job's JobReport to its callback, if it has one; the outcome goes to callback.json."""
+        """POST the job's JobReport to its callback, if it has one and the job has ended; the outcome
+        goes to callback.json. A job running again (approve_job retried it since this call was
+        queued) is reported when that run ends, not with its `queued` status."""
         try:
             callback = json.loads(read_bytes(self._callback_url(job_id), self.storage_options))
             doc = self.load(job_id)
         except (FileNotFoundError, JobNotFound):
+            return
+        if doc["status"] not in ENDED:
             return
         base = self.service.config.public_url or doc["service"]["base_url"]
         outcome = post_report(callback["url"], self.result(doc, base))
