@@ -58,18 +58,21 @@ def prepared_weights(entry: ModelEntry) -> bytes:
 
     adapter = adapter_class(entry.adapter)
     target = cache_dir() / f"{entry.sha256}.{entry.adapter}-v{adapter.prepare_version}.onnx"
-    if target.exists():
-        data = target.read_bytes()
-    else:
-        data = adapter.prepare(fetch_weights(entry).read_bytes())
-        _write_atomic(target, data)
     if entry.quantize == "int8":
         from models.quantize import quantize_int8, recipe_tag
 
         quantized = target.with_name(f"{target.stem}.{recipe_tag()}.onnx")
-        if not quantized.exists():
-            _write_atomic(quantized, quantize_int8(entry, data))
-        data = quantized.read_bytes()
+        if not quantized.exists():  # the float model is read only to make the int8 copy
+            _write_atomic(quantized, quantize_int8(entry, _prepared(adapter, entry, target)))
+        return quantized.read_bytes()
+    return _prepared(adapter, entry, target)
+
+
+def _prepared(adapter, entry: ModelEntry, target: Path) -> bytes:
+    if target.exists():
+        return target.read_bytes()
+    data = adapter.prepare(fetch_weights(entry).read_bytes())
+    _write_atomic(target, data)
     return data
 
 

@@ -47,6 +47,19 @@ def eval_annotations(shared_dir):
     return load
 
 
+@pytest.fixture(scope="session")
+def labelled_rgb(shared_dir, eval_annotations):
+    """The first `n` photos of an eval set that have boxes, as RGB arrays: labelled_rgb('faces', 3)."""
+
+    def load(set_name: str, n: int) -> list:
+        import cv2
+
+        images = [im for im in eval_annotations(set_name)["images"] if im["boxes"]][:n]
+        return [cv2.imread(str(shared_dir / "eval" / set_name / im["file"]))[..., ::-1].copy() for im in images]
+
+    return load
+
+
 @pytest.fixture
 def photos(tmp_path, shared_dir, eval_annotations):
     """Copy `n` photos of an eval set into a fresh folder; returns (folder, their annotations)."""

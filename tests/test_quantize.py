@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections import Counter
 
-import cv2
 import numpy as np
 import onnx
 
@@ -14,11 +13,6 @@ from models.catalog import load_catalog
 from models.detections import box_iou
 from models.fetch import prepared_weights
 from models.quantize import CALIBRATION_SIZE, calibration_images, head_nodes
-
-
-def _photos(shared_dir, eval_annotations, set_name: str, n: int) -> list[np.ndarray]:
-    images = [im for im in eval_annotations(set_name)["images"] if im["boxes"]][:n]
-    return [cv2.imread(str(shared_dir / "eval" / set_name / im["file"]))[..., ::-1].copy() for im in images]
 
 
 def test_int8_centerface_is_int8_with_float_heads():
@@ -51,12 +45,12 @@ def test_calibration_images_are_the_same_on_every_call():
     assert not np.array_equal(first[0], first[1])  # the second copy carries the pasted faces
 
 
-def test_int8_centerface_finds_what_the_float_model_finds(shared_dir, eval_annotations):
+def test_int8_centerface_finds_what_the_float_model_finds(labelled_rgb):
     """Every float detection with score >= 0.5 (OpenVINO, as jobs run) has an int8 twin with
     nearly the same box, on real photos of both face sets. Scores move a little (measured: 70
     faces, median 0.01, one 0.15), never enough to lose a face at 0.3."""
     catalog = load_catalog()
-    photos = _photos(shared_dir, eval_annotations, "faces", 4) + _photos(shared_dir, eval_annotations, "wider", 4)
+    photos = labelled_rgb("faces", 4) + labelled_rgb("wider", 4)
     float_model, int8_model = (adapter_class("centerface")(catalog[n], prepared_weights(catalog[n]), "openvino", 2)
                                for n in ("centerface", "centerface-int8"))
     ref = float_model.detect(photos, {"face": 0.3})
