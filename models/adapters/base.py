@@ -27,6 +27,18 @@ def fill_chw(out: np.ndarray, img: np.ndarray, mean: tuple[float, float, float] 
             np.multiply(dst, dst.dtype.type(scale), out=dst)
 
 
+def set_dims(value_info, dims: list) -> None:
+    """Replace the declared shape of a graph input/output: ints are fixed dims, strings symbolic."""
+    shape = value_info.type.tensor_type.shape
+    del shape.dim[:]
+    for d in dims:
+        dim = shape.dim.add()
+        if isinstance(d, str):
+            dim.dim_param = d
+        else:
+            dim.dim_value = d
+
+
 class Adapter(ABC):
     # Bump when `prepare` changes, so cached prepared weights are rebuilt.
     prepare_version = 1

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from models.adapters.base import Adapter, fill_chw
+from models.adapters.base import Adapter, fill_chw, set_dims
 from models.detections import Detections, nms
 
 STRIDE = 4
@@ -29,9 +29,9 @@ class CenterFace(Adapter):
         kept = [i for i in graph.input if i.name not in weights]
         del graph.input[:]
         graph.input.extend(kept)
-        _set_dims(graph.input[0], ["B", 3, "H", "W"])
+        set_dims(graph.input[0], ["B", 3, "H", "W"])
         for out in graph.output:
-            _set_dims(out, ["B", OUTPUTS[out.name], "h", "w"])
+            set_dims(out, ["B", OUTPUTS[out.name], "h", "w"])
         del graph.value_info[:]  # stale fixed shapes of intermediate tensors
         return model.SerializeToString()
 
@@ -66,14 +66,3 @@ class CenterFace(Adapter):
         scores = heat[ys, xs]
         keep = nms(boxes, scores, 0.3)
         return self.labelled(boxes[keep], scores[keep], ["face"] * len(keep))
-
-
-def _set_dims(value_info, dims: list) -> None:
-    shape = value_info.type.tensor_type.shape
-    del shape.dim[:]
-    for d in dims:
-        dim = shape.dim.add()
-        if isinstance(d, str):
-            dim.dim_param = d
-        else:
-            dim.dim_value = d
