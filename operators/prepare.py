@@ -151,6 +151,8 @@ def check_image(data: bytes, name: str, max_pixels: int) -> tuple[str, int, int,
 
     The pixel limit is checked on the declared size before anything is decoded: reading a PNG's
     EXIF through PIL loads the whole image, so orientation is read only once the size passed."""
+    if not data:
+        raise ItemFailure("IMAGE_DEFECT", f"{name}: empty file (0 bytes)")
     fmt = sniff_format(data)
     expected = format_from_name(name)
     if fmt is None:
