@@ -119,9 +119,8 @@ def test_1_extreme_aspect_ratios_are_processed(hostile_job):
 def test_1_a_detector_error_fails_its_item_not_the_batch(face_jpeg):
     """A real Detector over a batch in which one row's detection copy is not what it declares:
     that row fails DETECTION_ERROR, the others are detected."""
-    from models.catalog import default_models, load_catalog
-
-    entry = next(iter(default_models(load_catalog(), ["face"]).values()))
+    _, models = build_spec({"inputs": ["x"], "output": "y", "face": True}).resolve_models()
+    entry = next(iter(models.values()))
     detector = Detector([(entry.model_dump(), prepared_weights(entry))], ["face"], {"face": 0.5})
     row = {"item_id": "a", "source_url": "x.jpg", "member": "", "rel_path": "x.jpg", "kind": "image",
            "status": "", "failure_cause": "", "error": ""}
