@@ -23,7 +23,6 @@ from PIL import Image
 
 from jobs.run import run_job
 from jobs.spec import build_spec
-from models.fetch import prepared_weights
 from operators.detect import Detector
 from operators.prepare import DEFAULT_MAX_PIXELS, prepare_item
 from operators.sources import list_sources
@@ -119,9 +118,11 @@ def test_1_extreme_aspect_ratios_are_processed(hostile_job):
 def test_1_a_detector_error_fails_its_item_not_the_batch(face_jpeg):
     """A real Detector over a batch in which one row's detection copy is not what it declares:
     that row fails DETECTION_ERROR, the others are detected."""
-    _, models = build_spec({"inputs": ["x"], "output": "y", "face": True}).resolve_models()
-    entry = next(iter(models.values()))
-    detector = Detector([(entry.model_dump(), prepared_weights(entry))], ["face"], {"face": 0.5})
+    from jobs.api.processor import ImageProcessor
+
+    spec = build_spec({"inputs": ["x"], "output": "y", "face": True})
+    detector = ImageProcessor(device="cpu", threads=1).detector(spec)  # the service's way to build one
+    assert isinstance(detector, Detector)
     row = {"item_id": "a", "source_url": "x.jpg", "member": "", "rel_path": "x.jpg", "kind": "image",
            "status": "", "failure_cause": "", "error": ""}
     good = {**row, **prepare_item(row | {"source_url": _write_tmp(face_jpeg[0])}, None, 1024, DEFAULT_MAX_PIXELS)}
