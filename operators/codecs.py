@@ -48,8 +48,9 @@ def is_cmyk_jpeg(data: bytes) -> bool:
     return False
 
 
-def encode(image: np.ndarray, fmt: str, quality: int = 90, compress_level: int = 5) -> bytes:
-    if fmt == "jpeg" and image.ndim == 3 and image.shape[2] == 4:  # a JPEG has no alpha: 4 channels are CMYK
+def encode(image: np.ndarray, fmt: str, quality: int = 90, compress_level: int = 5, cmyk: bool = False) -> bytes:
+    """`image` in `fmt`; `cmyk`: a 4-channel image is CMYK (from a CMYK JPEG), not BGRA."""
+    if fmt == "jpeg" and cmyk and image.ndim == 3 and image.shape[2] == 4:
         import io
 
         from PIL import Image

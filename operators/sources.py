@@ -67,7 +67,12 @@ def refuse_collisions(rows: list[dict]) -> list[dict]:
     row in listing order keeps the path; nothing is overwritten silently."""
     owners: dict[str, str] = {}
     files = {r["rel_path"] for r in rows if r["kind"] == "image" and not r["status"]}
+    ids: set[str] = set()
     for r in rows:
+        if r["item_id"] in ids:  # one file named by two inputs (`in/` and `in/sub/`): one item
+            r.update(item_id=item_id(r["source_url"], "\0" + r["rel_path"]), status="skipped", failure_cause="",
+                     error="the same file is listed by an earlier input")
+        ids.add(r["item_id"])
         if r["status"] == "failed" and r["failure_cause"] == UNSAFE_PATH:
             continue  # its rel_path is not a path anyone writes to
         rel, clash = r["rel_path"], ""

@@ -21,7 +21,7 @@ from models.detections import CLASSES, Detections
 from models.runtime import release_freed_memory
 from operators.anonymize import AnonymizeOptions, anonymize, draw_debug
 from operators.causes import OUTPUT_PATH_ERROR
-from operators.codecs import decode_full, encode, strip_jpeg_metadata, with_original_metadata
+from operators.codecs import decode_full, encode, is_cmyk_jpeg, strip_jpeg_metadata, with_original_metadata
 from operators.manifest import DETECTIONS_SCHEMA, IMAGES_SCHEMA, new_part_name, write_part
 from operators.storage import join, write_atomic
 
@@ -105,7 +105,8 @@ def write_item(row: dict, options: WriteOptions) -> tuple[dict, Detections, np.n
             if not detect_only and not anonymised.any() and not options.debug:
                 out = _stripped(data, row["format"], options.strip_metadata)  # all inside ignores
             elif not detect_only:
-                out = encode(frame, row["format"], options.quality, options.compress_level)
+                out = encode(frame, row["format"], options.quality, options.compress_level,
+                             cmyk=frame.ndim == 3 and frame.shape[2] == 4 and is_cmyk_jpeg(data))
                 out = with_original_metadata(out, data, row["format"], options.strip_metadata)
             _write_masks(row, result, options)
         else:  # nothing to change: the original bytes, untouched (metadata stripped if asked)

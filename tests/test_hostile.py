@@ -25,7 +25,7 @@ from jobs.run import run_job
 from jobs.spec import build_spec
 from operators.detect import Detector
 from operators.prepare import DEFAULT_MAX_PIXELS, prepare_item
-from operators.sources import list_sources
+from operators.sources import list_sources, refuse_collisions
 
 
 def _tree(root: Path) -> dict[str, tuple]:
@@ -240,6 +240,19 @@ def test_7_output_path_collisions_fail_with_a_cause(hostile_job):
     assert hostile_job["doc"]["totals"]["done"] == sum(r["status"] == "done" for r in hostile_job["rows"])
     long_name = rows[("zips/hostile.zip", "z" * 300 + ".jpg")]
     assert long_name["failure_cause"] == "OUTPUT_PATH_ERROR" and "too long" in long_name["error"]
+
+
+def test_7_overlapping_inputs_and_file_folder_clashes_in_a_listing(tmp_path):
+    (tmp_path / "in/sub").mkdir(parents=True)
+    (tmp_path / "in/sub/x.jpg").write_bytes(b"x")
+    rows = list_sources([str(tmp_path / "in"), str(tmp_path / "in/sub")])
+    assert [(r["rel_path"], r["status"]) for r in rows] == [("in/sub/x.jpg", ""), ("sub/x.jpg", "skipped")]
+    assert rows[0]["item_id"] != rows[1]["item_id"]  # one file, one item; the repeat keeps its own row
+    # object stores hold a key and a "folder" of one name: x.jpg and x.jpg/y.jpg
+    keys = [{"item_id": k, "source_url": f"s3://b/{k}", "rel_path": k, "kind": "image", "status": "",
+             "failure_cause": "", "error": ""} for k in ("x.jpg", "x.jpg/y.jpg")]
+    out = refuse_collisions(keys)
+    assert [(r["status"], r["failure_cause"]) for r in out] == [("", ""), ("failed", "OUTPUT_PATH_ERROR")]
 
 
 # --- 8. every listed thing gets a row ---
