@@ -181,12 +181,21 @@ def check_image(data: bytes, name: str, max_pixels: int) -> tuple[str, int, int,
 
 
 def _frame_count(img: Image.Image, data: bytes, fmt: str) -> int:
-    """Pages of a TIFF, frames of an APNG or animated WebP, from headers (PIL walks the IFDs or
-    reads acTL/ANIM; no pixel data is decoded)."""
+    """Pages of a TIFF (reduced-resolution thumbnails not counted), frames of an APNG or an
+    animated WebP, from headers only (PIL walks the IFDs; acTL says the frame count)."""
     if fmt == "png":
-        return 2 if any(kind == b"acTL" for kind, _ in _png_header_chunks(data)) else 1
+        actl = next((c for kind, c in _png_header_chunks(data) if kind == b"acTL"), None)
+        return int.from_bytes(actl[8:12], "big") if actl is not None and len(actl) >= 12 else 1
     try:
-        return int(getattr(img, "n_frames", 1) or 1)
+        n = int(getattr(img, "n_frames", 1) or 1)
+        if fmt != "tiff" or n == 1:
+            return n
+        pages = 0
+        for i in range(n):
+            img.seek(i)
+            pages += not int(img.tag_v2.get(254, 0)) & 1  # NewSubfileType bit 0: a thumbnail of a page
+        img.seek(0)
+        return pages
     except Exception as exc:  # a TIFF whose IFD chain is broken
         raise ItemFailure("IMAGE_DEFECT", f"unreadable page list ({exc})") from None
 

@@ -182,6 +182,15 @@ def test_4_pixel_bombs_fail_too_large_from_the_header(tmp_path):
         assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0 < 200 * 1024  # KiB: no 1.5 GiB decode
 
 
+def test_4_png_orientation_still_read_from_its_exif_chunk():
+    from operators.prepare import check_image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    png = corpus._save(Image.new("RGB", (64, 48)), "PNG", exif=exif.tobytes())
+    assert check_image(png, "a.png", DEFAULT_MAX_PIXELS) == ("png", 64, 48, 6)
+
+
 def test_4_bombs_in_the_job(hostile_job):
     rows = _by_key(hostile_job)
     for name in ("20000x20000.png", "declares_100000x100000.png", "declares_100000x100000.bmp",
