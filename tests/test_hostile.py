@@ -23,6 +23,7 @@ from PIL import Image
 
 from jobs.run import run_job
 from jobs.spec import build_spec
+from operators.causes import CAUSES
 from operators.detect import Detector
 from operators.prepare import DEFAULT_MAX_PIXELS, prepare_item
 from operators.sources import list_sources, refuse_collisions
@@ -85,6 +86,7 @@ def test_mixed_hostile_job_ends_done_with_one_row_per_input(hostile_job):
     mismatched = {k: (got[k], v) for k, v in job["want"].items() if got.get(k) != v}
     assert not mismatched
     assert all(r["error"] for r in job["rows"] if r["status"] != "done")  # every verdict says why
+    assert {r["failure_cause"] for r in job["rows"] if r["failure_cause"]} <= set(CAUSES)  # the listed causes
     assert len({r["item_id"] for r in job["rows"]}) == len(job["rows"])
     totals = job["doc"]["totals"]
     assert totals["items"] == len(job["rows"])
@@ -300,26 +302,53 @@ def test_clearer_causes_for_archives(hostile_job):
 # --- the service over real HTTP ---
 
 
+API_KEY = "key-hostile-0123456789abcdef"
+
+
 @pytest.fixture(scope="module")
-def faceblurest(tmp_path_factory):
-    from serve_helpers import MAX_UPLOAD, PASSWORDS, running, write_users
+def service_url(tmp_path_factory):
+    from serve_helpers import MAX_UPLOAD, running, write_users
 
     from jobs.api.service import ServiceConfig
 
     root = tmp_path_factory.mktemp("serve")
-    config = ServiceConfig(storage=str(root / "storage"), users_file=str(write_users(root / "users.yaml")),
-                           max_upload_bytes=MAX_UPLOAD * 2, warm_classes=("face",))
+    users = write_users(root / "users.yaml", {API_KEY: {"user": "dave", "credits": 100}})
+    config = ServiceConfig(storage=str(root / "storage"), users_file=str(users), max_upload_bytes=MAX_UPLOAD * 2,
+                           warm_classes=("face",))
     with running(config) as url:
-        def post(photo: bytes) -> httpx.Response:
-            return httpx.post(f"{url}/faceblurest", auth=("alice", PASSWORDS["alice"]), timeout=120,
-                              json={"base64_Photo_String": base64.b64encode(photo).decode(), "photo_url": "NO"})
-        yield post
+        yield url
 
 
-def test_1_4_service_answers_thin_images_and_refuses_bombs(faceblurest):
-    thin = faceblurest(corpus._save(Image.new("RGB", (5000, 1), (90, 120, 150)), "PNG"))
+def test_1_4_faceblurest_answers_thin_images_and_refuses_bombs(service_url):
+    from serve_helpers import PASSWORDS
+
+    def post(photo: bytes) -> httpx.Response:
+        return httpx.post(f"{service_url}/faceblurest", auth=("alice", PASSWORDS["alice"]), timeout=120,
+                          json={"base64_Photo_String": base64.b64encode(photo).decode(), "photo_url": "NO"})
+
+    thin = post(corpus._save(Image.new("RGB", (5000, 1), (90, 120, 150)), "PNG"))
     assert thin.status_code == 200, thin.text
     final = cv2.imdecode(np.frombuffer(base64.b64decode(thin.json()["final_photo"]), np.uint8), cv2.IMREAD_COLOR)
     assert final.shape[:2] == (1, 5000)
-    bomb = faceblurest(corpus.png_declaring(100000, 100000))
+    bomb = post(corpus.png_declaring(100000, 100000))
     assert bomb.status_code == 400 and "TOO_LARGE" in bomb.text
+
+
+def test_1_6_a_syntonym_job_fails_bad_items_alone(service_url, face_jpeg):
+    """A zip holding a thin image, a multi-page TIFF and a photo, as a Syntonym job: done, with
+    the TIFF failed alone and the thin image processed (it failed the whole job)."""
+    from serve_helpers import wait_for
+
+    small = Image.open(io.BytesIO(face_jpeg[0])).resize((64, 48))
+    pages = corpus._save(small, "TIFF", save_all=True, append_images=[small])
+    thin = corpus._save(Image.new("RGB", (5000, 1)), "PNG")
+    archive = corpus.zip_bytes([("photo.jpg", face_jpeg[0]), ("thin.png", thin), ("pages.tiff", pages)])
+    with httpx.Client(base_url=f"{service_url}/syntonym", headers={"x-api-key": API_KEY}, timeout=120) as client:
+        job = client.post("/create_upload_session", json={"file_names": ["batch.zip"]}).json()
+        httpx.put(job["upload_urls"][0]["upload_url"], content=archive, timeout=60).raise_for_status()
+        assert client.post(f"/approve_job/{job['job_id']}").status_code == 200
+        result = wait_for(lambda: client.get(f"/get_job_result/{job['job_id']}").json(),
+                          lambda d: d["job_status"] in ("done", "failed"))
+    assert result["job_status"] == "done", result
+    tasks = {t["file_name"]: t["task_status"] for t in result["tasks"]}
+    assert tasks == {"batch.zip/photo.jpg": "done", "batch.zip/thin.png": "done", "batch.zip/pages.tiff": "failed"}
