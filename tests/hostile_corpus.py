@@ -99,7 +99,8 @@ def build(folder: Path, photo: bytes) -> dict[tuple[str, str], tuple[str, str]]:
         add(f"modes/{mode.replace(';', '_')}.png", _save(small.convert(mode), "PNG"), DONE)
     add("modes/gray.jpg", _save(rgb.convert("L"), "JPEG"), DONE)
     add("modes/cmyk.jpg", _save(rgb.convert("CMYK"), "JPEG", quality=92), DONE)
-    add("modes/adobe_rgb.jpg", _save(rgb, "JPEG", keep_rgb=True, quality=92), DONE)  # APP14, no transform
+    add("modes/adobe_rgb.jpg", _save(rgb, "JPEG", keep_rgb=True, quality=92, icc_profile=srgb_icc()),
+        DONE)  # stored as RGB (Adobe APP14, no colour transform), with an ICC profile
     add("modes/progressive.jpg", _save(rgb, "JPEG", progressive=True), DONE)
     add("modes/cmyk.tiff", _save(small.convert("CMYK"), "TIFF"), DONE)
     add("formats/photo.bmp", _save(small, "BMP"), DONE)
@@ -227,6 +228,12 @@ def build(folder: Path, photo: bytes) -> dict[tuple[str, str], tuple[str, str]]:
     os.mkfifo(folder / "fifo.jpg")
     want[("fifo.jpg", "")] = SKIPPED
     return want
+
+
+def srgb_icc() -> bytes:
+    from PIL import ImageCms
+
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
 
 
 def cv2_png16(img: Image.Image) -> bytes:

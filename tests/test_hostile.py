@@ -224,6 +224,8 @@ def test_5_cmyk_and_adobe_rgb_jpegs_keep_their_colour(hostile_job, face_jpeg):
         assert diff.mean() < 4 and (diff > 24).mean() < 0.01, (name, diff.mean())
     cmyk = Image.open(rows[("modes/cmyk.jpg", "")]["output_url"])
     assert cmyk.mode == "CMYK"  # written back as it came
+    icc = Image.open(rows[("modes/adobe_rgb.jpg", "")]["output_url"]).info.get("icc_profile")
+    assert icc and icc == Image.open(hostile_job["src"] / "modes/adobe_rgb.jpg").info["icc_profile"]
 
 
 # --- 6. multi-frame images ---
