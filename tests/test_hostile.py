@@ -333,7 +333,7 @@ def test_1_4_faceblurest_answers_thin_images_and_refuses_bombs(service_url):
     final = cv2.imdecode(np.frombuffer(base64.b64decode(thin.json()["final_photo"]), np.uint8), cv2.IMREAD_COLOR)
     assert final.shape[:2] == (1, 5000)
     bomb = post(corpus.png_declaring(100000, 100000))
-    assert bomb.status_code == 400 and "TOO_LARGE" in bomb.text
+    assert bomb.status_code == 413 and bomb.json()[0]["cd"] == "1013" and "pixel limit" in bomb.text
 
 
 def test_1_6_a_syntonym_job_fails_bad_items_alone(service_url, face_jpeg):
