@@ -71,6 +71,41 @@ def encode(image: np.ndarray, fmt: str, quality: int = 90, compress_level: int =
     return buf.tobytes()
 
 
+def image_end(data: bytes, fmt: str) -> int | None:
+    """Where a JPEG's or PNG's image data ends (just past EOI / IEND), or None when it never
+    does (a truncated file); len(data) for other formats. What follows is a trailer: a camera's
+    or editor's extra bytes, a motion photo's video, an MPO's second picture."""
+    if fmt == "jpeg":
+        # the EOI after the first scan (an EXIF thumbnail's EOI sits before it, in APP1; scan
+        # data never holds FF D9, since an FF byte there is followed by 00 or a restart marker)
+        pos = 2
+        while pos + 4 <= len(data) and data[pos] == 0xFF:
+            if data[pos + 1] == 0xFF:
+                pos += 1
+            elif data[pos + 1] == 0xDA:
+                eoi = data.find(b"\xff\xd9", pos)
+                return eoi + 2 if eoi > 0 else None
+            else:
+                pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+        return None
+    if fmt == "png":
+        pos = len(PNG_SIGNATURE)
+        while pos + 8 <= len(data):
+            length = int.from_bytes(data[pos:pos + 4], "big")
+            if data[pos + 4:pos + 8] == b"IEND":
+                return min(pos + 12 + length, len(data))
+            pos += 12 + length
+        return None
+    return len(data)
+
+
+def without_trailer(data: bytes, fmt: str) -> bytes:
+    """The image without what follows its end marker: a trailer was never looked at by the
+    models (a motion photo's video can show faces), so it never reaches the output."""
+    end = image_end(data, fmt)
+    return data[:end] if end is not None and end < len(data) else data
+
+
 def jpeg_header_segments(data: bytes) -> list[bytes]:
     """The APP0..APP15 and COM segments of a JPEG, in order, each with its marker."""
     segments, pos = [], 2

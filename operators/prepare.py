@@ -17,7 +17,7 @@ from PIL import Image
 
 from operators.budget import Billing
 from operators.causes import MULTI_FRAME
-from operators.codecs import PNG_SIGNATURE
+from operators.codecs import PNG_SIGNATURE, image_end
 from operators.items import format_from_name, sniff_format
 from operators.orientation import upright
 from operators.storage import read_bytes
@@ -258,37 +258,7 @@ def detection_copy(data: bytes, fmt: str, width: int, height: int, orientation: 
 def _complete(data: bytes, fmt: str) -> bool:
     """Whether the image data runs to its end marker (decoders fill a cut-off image with grey).
     Bytes after the marker (camera and editor trailers) are allowed: decoders stop at it."""
-    if fmt == "jpeg":
-        # EOI after the first scan starts (an EXIF thumbnail's EOI sits before it, in APP1;
-        # entropy-coded data never holds FF D9, as FF bytes there are stuffed with 00)
-        sos = _jpeg_scan_start(data)
-        return sos > 0 and data.find(b"\xff\xd9", sos) > 0
-    if fmt == "png":
-        return _png_has_iend(data)
-    return True
-
-
-def _png_has_iend(data: bytes) -> bool:
-    pos = len(PNG_SIGNATURE)
-    while pos + 8 <= len(data):
-        if data[pos + 4:pos + 8] == b"IEND":
-            return True
-        pos += 12 + int.from_bytes(data[pos:pos + 4], "big")
-    return False
-
-
-def _jpeg_scan_start(data: bytes) -> int:
-    """Offset of the first SOS marker, walking the header segments; -1 if none."""
-    pos = 2
-    while pos + 4 <= len(data) and data[pos] == 0xFF:
-        marker = data[pos + 1]
-        if marker == 0xFF:
-            pos += 1
-            continue
-        if marker == 0xDA:
-            return pos
-        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
-    return -1
+    return fmt not in ("jpeg", "png") or image_end(data, fmt) is not None
 
 
 def _column(values: list) -> np.ndarray:

@@ -21,7 +21,14 @@ from models.detections import CLASSES, Detections
 from models.runtime import release_freed_memory
 from operators.anonymize import AnonymizeOptions, anonymize, draw_debug
 from operators.causes import OUTPUT_PATH_ERROR
-from operators.codecs import decode_full, encode, is_cmyk_jpeg, strip_jpeg_metadata, with_original_metadata
+from operators.codecs import (
+    decode_full,
+    encode,
+    is_cmyk_jpeg,
+    strip_jpeg_metadata,
+    with_original_metadata,
+    without_trailer,
+)
 from operators.manifest import DETECTIONS_SCHEMA, IMAGES_SCHEMA, new_part_name, write_part
 from operators.storage import join, write_atomic
 
@@ -155,6 +162,7 @@ def _write_failure(exc: Exception) -> dict:
 
 
 def _stripped(data: bytes, fmt: str, strip: str) -> bytes:
+    data = without_trailer(data, fmt)
     return strip_jpeg_metadata(data, strip) if fmt == "jpeg" and strip != "none" else data
 
 

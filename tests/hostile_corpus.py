@@ -24,6 +24,7 @@ from PIL import Image
 
 PASSWORD = "pw"
 DONE, SKIPPED = ("done", ""), ("skipped", "")
+MOTION_TRAILER = b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isom" + bytes(256)  # an MP4's start
 
 
 def failed(cause: str) -> tuple[str, str]:
@@ -89,6 +90,7 @@ def build(folder: Path, photo: bytes) -> dict[tuple[str, str], tuple[str, str]]:
     add("photo.jpg", photo, DONE)
     add("trailer.jpg", photo + b"x" * 100, DONE)  # bytes after EOI (camera / editor trailers)
     add("trailer.png", _save(small, "PNG") + b"trailing data after IEND", DONE)
+    add("motion_photo.jpg", small_jpeg + MOTION_TRAILER, DONE)  # a still, then a video after its EOI
     for w, h in ((5000, 1), (30000, 2), (2, 30000), (1, 4096)):  # extreme aspect ratios
         add(f"thin/{w}x{h}.png", _save(Image.new("RGB", (w, h), (90, 120, 150)), "PNG"), DONE)
     add("thin/4096x1.tiff", _save(Image.new("RGB", (4096, 1), (90, 120, 150)), "TIFF"), DONE)

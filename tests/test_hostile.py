@@ -164,6 +164,11 @@ def test_3_trailers_after_eoi_and_iend_are_decoded(hostile_job):
     assert rows[("trailer.jpg", "")]["n_face"] >= 3
     assert rows[("trailer.png", "")]["status"] == "done"
     assert rows[("bad/truncated.jpg", "")]["failure_cause"] == "IMAGE_DEFECT"  # a real cut still fails
+    # nothing to blur in the still: it is copied as it came, but never its trailer (unexamined bytes)
+    motion = rows[("motion_photo.jpg", "")]
+    original = (hostile_job["src"] / "motion_photo.jpg").read_bytes()
+    assert motion["status"] == "done" and motion["n_face"] == 0
+    assert Path(motion["output_url"]).read_bytes() == original[: -len(corpus.MOTION_TRAILER)]
 
 
 # --- 4. pixel bombs are refused from their header ---
