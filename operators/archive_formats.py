@@ -23,6 +23,7 @@ import py7zr.io
 import rarfile
 
 CHUNK = 1 << 20
+AES_METHOD = 99  # WinZip AES: the "compression method" of an AES-encrypted zip member
 TOOL_TIMEOUT_S = 120  # one RAR member through unar; a killed tool makes the member ARCHIVE_ERROR
 
 
@@ -90,6 +91,7 @@ class ZipArchive:
         self.password = password.encode() if password else None
         self.fetch = fetch  # fetch(start, end) -> bytes: one ranged GET for a whole member
         self.by_name: dict[str, zipfile.ZipInfo] = {}
+        self.aes: Any = None  # a pyzipper reader, for AES members only
         for info in self.zf.infolist():  # the first of duplicate names wins, as in members()
             self.by_name.setdefault(info.orig_filename, info)
 
@@ -112,6 +114,8 @@ class ZipArchive:
 
     def read(self, name: str, limit: int) -> bytes:
         info = self.by_name[name]
+        if info.compress_type == AES_METHOD:
+            return self._read_aes(info, limit)
         real = self.zf.fp
         if self.fetch is not None and info.compress_size <= limit:
             # Fetch the local header and the data in one request; zipfile's own small reads
@@ -126,6 +130,21 @@ class ZipArchive:
             raise Encrypted(str(exc)) from None
         finally:
             self.zf.fp = real
+
+    def _read_aes(self, info: zipfile.ZipInfo, limit: int) -> bytes:
+        """A WinZip AES member (method 99, which zipfile cannot read), through pyzipper over the
+        same file; opened on the first such member (one more central directory read)."""
+        if not self.password:
+            raise Encrypted(f"{info.orig_filename!r} is AES-encrypted (give --archive-password)")
+        if self.aes is None:
+            import pyzipper
+
+            self.aes = pyzipper.AESZipFile(self.zf.fp)
+        try:
+            with self.aes.open(self.aes.getinfo(info.filename), pwd=self.password) as f:
+                return bounded_read(f, limit)
+        except RuntimeError as exc:  # "Bad password for file"
+            raise Encrypted(str(exc)) from None
 
     def read_head(self, name: str, n: int) -> bytes:
         """The first `n` bytes of a member, from one ranged GET of its start (quotes read headers)."""
@@ -147,6 +166,8 @@ class ZipArchive:
         yield from read_each(self.read, names, limit)
 
     def close(self) -> None:
+        if self.aes is not None:
+            self.aes.close()
         self.zf.close()
 
 
@@ -264,9 +285,18 @@ class SevenZipArchive:
         factory = _Factory(limit)
         try:
             self.z.extract(targets=[name], factory=factory)
+        except Exception as exc:
+            raise self._explain(exc) from None
         finally:
             self.z.reset()
         return factory.products[name].buf.getvalue()
+
+    def _explain(self, exc: BaseException) -> BaseException:
+        """A decrypted-with-the-wrong-key stream reads as corrupt data ("Corrupt input data",
+        a CRC error): for an encrypted archive, say that the password is the likely cause."""
+        if not self.encrypted or isinstance(exc, (TooLarge, InterruptedError)):
+            return exc
+        return Encrypted(f"cannot decrypt: wrong password? ({type(exc).__name__}: {exc})"[:500])
 
     def iter_block(self, names: list[str], limit: int) -> Iterator[tuple[str, bytes | Exception]]:
         # py7zr pushes members into our buffers; a thread and a one-slot queue turn that into a
@@ -287,7 +317,7 @@ class SevenZipArchive:
             try:
                 self.z.extract(targets=names, factory=_Factory(limit, done))
             except BaseException as exc:  # handed to the consumer, which decides per member
-                q.put(("", exc))
+                q.put(("", self._explain(exc)))
             q.put(None)
 
         worker = threading.Thread(target=run, daemon=True)

@@ -42,6 +42,7 @@ from operators.archive_formats import (
     rar_volume_number,
 )
 from operators.archive_zipscan import ScannedZip
+from operators.causes import OUTPUT_PATH_ERROR
 from operators.items import UnsafePath, item_id, kind_of, safe_rel_path
 from operators.storage import filesystem, is_local
 
@@ -123,12 +124,19 @@ def _walk(
             _member_row(base, chain, rel_root, 0), "failed", "ARCHIVE_ERROR", f"cannot list members: {_describe(exc)}"
         )
         return
-    total, taken = 0, set()
+    if not any(not m.is_dir for m in members) and not getattr(handle, "stopped", ""):  # an empty archive's row
+        yield _verdict(base, "skipped", "", "empty archive (no members)")
+        return
+    total, taken, seen = 0, set(), {}
+    images = _image_paths(members)
     to_read: dict[int, list[tuple[Member, dict]]] = {}
     for m in members:
         if m.is_dir:
             continue
         row = _member_row(base, chain + m.name, rel_root, m.size)
+        seen[m.name] = seen.get(m.name, 0) + 1
+        if seen[m.name] > 1:  # a repeated name: its own id, so that each member keeps its row
+            row["item_id"] = item_id(base["source_url"], f"{chain}{m.name}\0{seen[m.name]}")
         try:
             rel = safe_rel_path(m.name)
             if NEST in m.name:
@@ -141,7 +149,12 @@ def _walk(
             yield _verdict(row, "failed", "UNSAFE_PATH", f"{m.name!r} is a symbolic link")
             continue
         if row["rel_path"] in taken:
-            yield _verdict(row, "failed", "UNSAFE_PATH", f"{m.name!r} repeats an earlier member's path")
+            yield _verdict(row, "failed", OUTPUT_PATH_ERROR, f"{m.name!r} repeats an earlier member's path")
+            continue
+        parent = next((p for p in _parents(rel) if p in images), "")
+        if parent:  # members "x.jpg" and "x.jpg/y.jpg": one path cannot be a file and a folder
+            yield _verdict(row, "failed", OUTPUT_PATH_ERROR, f"{m.name!r} needs a folder where the image "
+                           f"{parent!r} is written")
             continue
         taken.add(row["rel_path"])
         over = _over_limit(m, total if row["kind"] != "other" else 0, options)
@@ -176,6 +189,23 @@ def _walk(
         yield _verdict(
             _member_row(base, chain, rel_root, 0), "failed", "ARCHIVE_ERROR", f"listing stopped early: {stopped}"
         )
+
+
+def _image_paths(members: list[Member]) -> set[str]:
+    """Safe relative paths of the image members: the output files of this archive level."""
+    out = set()
+    for m in members:
+        try:
+            rel = safe_rel_path(m.name)
+        except UnsafePath:
+            continue
+        if not m.is_dir and kind_of(rel) == "image":
+            out.add(rel)
+    return out
+
+
+def _parents(rel: str) -> list[str]:
+    return [rel[:i] for i, ch in enumerate(rel) if ch == "/"]
 
 
 def _nested(handle, m: Member, row: dict, level: int, options: ArchiveOptions) -> Iterator[dict]:

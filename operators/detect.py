@@ -39,6 +39,7 @@ from models.passes import (
 )
 from models.profiles import Profile
 from models.runtime import release_freed_memory
+from operators.causes import DETECTION_ERROR
 from operators.codecs import jpeg_header_segments, png_chunks
 from operators.orientation import boxes_to_stored
 
@@ -99,11 +100,9 @@ class Detector:
         # A GPU gains from a batch; the CPU provider does not (one image at a time ran 8.7 img/s
         # against 5.2 in batches of 8 for the face models at 512 px, and peaked 200 MiB lower).
         step = max(len(todo), 1) if self.on_gpu else 1
-        found = []
+        found: list[Detections | str] = []
         for k in range(0, len(todo), step):
-            part = todo[k:k + step]
-            found += self.detect([_det_image(batch, i) for i in part], [self._is_panorama(batch, i) for i in part],
-                                 [_stored_scale(batch, i) for i in part])
+            found += self._detect_part(batch, todo[k:k + step])
             release_freed_memory()
         per_item_ms = (time.perf_counter() - t0) * 1e3 / max(len(todo), 1)
         # compute cost: this process's CPU time (all ONNX Runtime threads), and the GPU held meanwhile
@@ -113,7 +112,12 @@ class Detector:
         detections = np.full(n, "", dtype=object)
         t_detect = np.zeros(n, dtype=np.float64)
         cpu_detect, gpu_detect = np.zeros(n, dtype=np.float64), np.zeros(n, dtype=np.float64)
+        status = np.array(batch["status"], dtype=object)
+        cause, error = np.array(batch["failure_cause"], dtype=object), np.array(batch["error"], dtype=object)
         for i, dets in zip(todo, found, strict=True):
+            if isinstance(dets, str):  # the detector raised on this image: it fails alone
+                status[i], cause[i], error[i] = "failed", DETECTION_ERROR, dets
+                continue
             det_h, det_w = int(batch["det_h"][i]), int(batch["det_w"][i])
             width, height = int(batch["width"][i]), int(batch["height"][i])
             orientation = int(batch["orientation"][i])
@@ -122,11 +126,23 @@ class Detector:
             cpu_detect[i] = cpu_ms
             gpu_detect[i] = per_item_ms if self.on_gpu else 0.0
         out = {k: v for k, v in batch.items() if k != "det"}  # the copy is not needed downstream
+        out.update(status=status, failure_cause=cause, error=error)
         out["detections"] = detections
         out["t_detect_ms"] = t_detect
         out["cpu_detect_ms"] = cpu_detect
         out["gpu_detect_ms"] = gpu_detect
         return out
+
+    def _detect_part(self, batch: dict[str, np.ndarray], part: list[int]) -> list[Detections | str]:
+        """Detections per item of `part`, or the error (a str) for an item the models raised on.
+        A GPU batch that raises is retried one image at a time, to find the culprit."""
+        try:
+            return self.detect([_det_image(batch, i) for i in part], [self._is_panorama(batch, i) for i in part],
+                               [_stored_scale(batch, i) for i in part])
+        except Exception as exc:
+            if len(part) == 1:
+                return [f"detection failed: {exc!r}"[:500]]
+        return [d for i in part for d in self._detect_part(batch, [i])]
 
     def _is_panorama(self, batch: dict[str, np.ndarray], i: int) -> bool:
         """Whether item `i` wraps around at the seam: always with format panorama, with auto

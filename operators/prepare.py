@@ -16,6 +16,8 @@ import numpy as np
 from PIL import Image
 
 from operators.budget import Billing
+from operators.causes import MULTI_FRAME
+from operators.codecs import PNG_SIGNATURE, image_end
 from operators.items import format_from_name, sniff_format
 from operators.orientation import upright
 from operators.storage import read_bytes
@@ -115,6 +117,9 @@ def prepare_item(row: dict, storage_options: dict | None, det_max_side: int, max
     except ItemFailure as exc:
         result.update(status="failed", failure_cause=exc.cause, error=str(exc))
         return result
+    except Exception as exc:  # a decoder error on odd input fails this item, never its batch
+        result.update(status="failed", failure_cause="IMAGE_DEFECT", error=f"cannot decode: {exc!r}"[:500])
+        return result
     result.update(format=fmt, width=width, height=height, orientation=orientation,
                   det=det.tobytes(), det_h=det.shape[0], det_w=det.shape[1],
                   t_decode_ms=(time.perf_counter() - t1) * 1e3)
@@ -142,7 +147,12 @@ def fetch_item_bytes(row: dict, storage_options: dict | None) -> bytes:
 
 
 def check_image(data: bytes, name: str, max_pixels: int) -> tuple[str, int, int, int]:
-    """(format, width, height, EXIF orientation) from the header alone; ItemFailure if unusable."""
+    """(format, width, height, EXIF orientation) from the header alone; ItemFailure if unusable.
+
+    The pixel limit is checked on the declared size before anything is decoded: reading a PNG's
+    EXIF through PIL loads the whole image, so orientation is read only once the size passed."""
+    if not data:
+        raise ItemFailure("IMAGE_DEFECT", f"{name}: empty file (0 bytes)")
     fmt = sniff_format(data)
     expected = format_from_name(name)
     if fmt is None:
@@ -156,12 +166,72 @@ def check_image(data: bytes, name: str, max_pixels: int) -> tuple[str, int, int,
             warnings.simplefilter("ignore")
             img = Image.open(io.BytesIO(data))
             width, height = img.size
-            orientation = int(img.getexif().get(0x0112, 1)) if fmt in ("jpeg", "tiff", "webp", "png") else 1
     except Exception as exc:
         raise ItemFailure("IMAGE_DEFECT", f"{name}: unreadable header ({exc})") from None
     if width * height > max_pixels:
         raise ItemFailure("TOO_LARGE", f"{name}: {width}x{height} exceeds the {max_pixels} pixel limit")
-    return fmt, width, height, orientation if 1 <= orientation <= 8 else 1
+    if width < 1 or height < 1:
+        raise ItemFailure("IMAGE_DEFECT", f"{name}: declares {width}x{height} pixels")
+    frames = _frame_count(img, data, fmt)
+    if frames > 1:  # veil writes one frame: anonymizing the first and dropping the rest would lose content
+        kind = "pages" if fmt == "tiff" else "frames"
+        raise ItemFailure(MULTI_FRAME, f"{name}: {fmt.upper()} of {frames} {kind}; veil anonymizes "
+                          "single-frame images only (split the pages/frames first)")
+    return fmt, width, height, _orientation(img, data, fmt)
+
+
+def _frame_count(img: Image.Image, data: bytes, fmt: str) -> int:
+    """Pages of a TIFF (reduced-resolution thumbnails not counted), frames of an APNG or an
+    animated WebP, from headers only (PIL walks the IFDs; acTL says the frame count)."""
+    if fmt == "png":
+        actl = next((c for kind, c in _png_header_chunks(data) if kind == b"acTL"), None)
+        return int.from_bytes(actl[8:12], "big") if actl is not None and len(actl) >= 12 else 1
+    try:
+        n = int(getattr(img, "n_frames", 1) or 1)
+        if fmt != "tiff" or n == 1:
+            return n
+        pages = 0
+        for i in range(n):
+            img.seek(i)
+            pages += not int(img.tag_v2.get(254, 0)) & 1  # NewSubfileType bit 0: a thumbnail of a page
+        img.seek(0)
+        return pages
+    except Exception as exc:  # a TIFF whose IFD chain is broken
+        raise ItemFailure("IMAGE_DEFECT", f"unreadable page list ({exc})") from None
+
+
+def _orientation(img: Image.Image, data: bytes, fmt: str) -> int:
+    """EXIF orientation (1..8; 1 when absent or broken). A PNG's eXIf chunk is read from the
+    chunk list itself: PIL's getexif() on a PNG decodes the whole image to look past IDAT."""
+    try:
+        if fmt == "png":
+            exif_chunk = next((c for kind, c in _png_header_chunks(data, past_idat=True) if kind == b"eXIf"), None)
+            if exif_chunk is None:
+                return 1
+            exif = Image.Exif()
+            exif.load(b"Exif\x00\x00" + exif_chunk[8:-4])
+            value = int(exif.get(0x0112, 1))
+        elif fmt in ("jpeg", "tiff", "webp"):
+            value = int(img.getexif().get(0x0112, 1))
+        else:
+            return 1
+    except Exception:  # broken EXIF: the pixels are still good, show them as stored
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def _png_header_chunks(data: bytes, past_idat: bool = False) -> list[tuple[bytes, bytes]]:
+    """The PNG's chunks up to its first IDAT (or all of them, without their pixel data copied)."""
+    chunks, pos = [], len(PNG_SIGNATURE)
+    while pos + 8 <= len(data):
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        kind = data[pos + 4:pos + 8]
+        if kind == b"IEND" or (kind == b"IDAT" and not past_idat):
+            break
+        if kind not in (b"IDAT", b"fdAT"):
+            chunks.append((kind, data[pos:pos + 12 + length]))
+        pos += 12 + length
+    return chunks
 
 
 def detection_copy(data: bytes, fmt: str, width: int, height: int, orientation: int, max_side: int) -> np.ndarray:
@@ -179,20 +249,16 @@ def detection_copy(data: bytes, fmt: str, width: int, height: int, orientation: 
     if not _complete(data, fmt):
         raise ItemFailure("IMAGE_DEFECT", f"truncated {fmt.upper()} (no end marker)")
     scale = max_side / max(img.shape[:2])
-    if scale < 1:
-        img = cv2.resize(img, (round(img.shape[1] * scale), round(img.shape[0] * scale)),
+    if scale < 1:  # a side never rounds to 0 (a 5000x1 strip stays 2048x1)
+        img = cv2.resize(img, (max(1, round(img.shape[1] * scale)), max(1, round(img.shape[0] * scale))),
                          interpolation=cv2.INTER_AREA)
     return upright(img[:, :, ::-1], orientation)
 
 
 def _complete(data: bytes, fmt: str) -> bool:
-    """Whether the file ends the way its format ends (decoders fill a cut-off image with grey)."""
-    tail = data.rstrip(b"\x00")[-64:]
-    if fmt == "jpeg":
-        return b"\xff\xd9" in tail
-    if fmt == "png":
-        return b"IEND" in tail
-    return True
+    """Whether the image data runs to its end marker (decoders fill a cut-off image with grey).
+    Bytes after the marker (camera and editor trailers) are allowed: decoders stop at it."""
+    return fmt not in ("jpeg", "png") or image_end(data, fmt) is not None
 
 
 def _column(values: list) -> np.ndarray:

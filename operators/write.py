@@ -7,6 +7,7 @@ own format and its metadata copied over. Every row, done or failed, ends up in t
 
 from __future__ import annotations
 
+import errno
 import json
 import time
 from dataclasses import dataclass, field
@@ -19,7 +20,15 @@ import numpy as np
 from models.detections import CLASSES, Detections
 from models.runtime import release_freed_memory
 from operators.anonymize import AnonymizeOptions, anonymize, draw_debug
-from operators.codecs import decode_full, encode, strip_jpeg_metadata, with_original_metadata
+from operators.causes import OUTPUT_PATH_ERROR
+from operators.codecs import (
+    decode_full,
+    encode,
+    is_cmyk_jpeg,
+    strip_jpeg_metadata,
+    with_original_metadata,
+    without_trailer,
+)
 from operators.manifest import DETECTIONS_SCHEMA, IMAGES_SCHEMA, new_part_name, write_part
 from operators.storage import join, write_atomic
 
@@ -103,7 +112,8 @@ def write_item(row: dict, options: WriteOptions) -> tuple[dict, Detections, np.n
             if not detect_only and not anonymised.any() and not options.debug:
                 out = _stripped(data, row["format"], options.strip_metadata)  # all inside ignores
             elif not detect_only:
-                out = encode(frame, row["format"], options.quality, options.compress_level)
+                out = encode(frame, row["format"], options.quality, options.compress_level,
+                             cmyk=frame.ndim == 3 and frame.shape[2] == 4 and is_cmyk_jpeg(data))
                 out = with_original_metadata(out, data, row["format"], options.strip_metadata)
             _write_masks(row, result, options)
         else:  # nothing to change: the original bytes, untouched (metadata stripped if asked)
@@ -118,7 +128,7 @@ def write_item(row: dict, options: WriteOptions) -> tuple[dict, Detections, np.n
         if options.save_metadata or detect_only:
             _write_metadata(row, dets, anonymised, options)
     except Exception as exc:  # one bad image must not take its block down with it
-        image_row.update(status="failed", failure_cause="INTERNAL_ERROR", error=f"write failed: {exc!r}")
+        image_row.update(status="failed", **_write_failure(exc))
         return image_row, Detections.empty(), np.zeros(0, bool)
     image_row.update(
         status="done",
@@ -134,7 +144,25 @@ def write_item(row: dict, options: WriteOptions) -> tuple[dict, Detections, np.n
     return image_row, dets, anonymised
 
 
+PATH_ERRNOS = {
+    errno.ENAMETOOLONG: "a name in the output path is too long for the output file system",
+    errno.ENOTDIR: "a file stands where the output path needs a folder",
+    errno.EEXIST: "a file stands where the output path needs a folder",
+    errno.EISDIR: "a folder stands where the output file would be written",
+}
+
+
+def _write_failure(exc: Exception) -> dict:
+    """failure_cause and error of an item whose write raised: the output path's own problems
+    (too long, a file/folder clash) are OUTPUT_PATH_ERROR, the rest INTERNAL_ERROR."""
+    why = PATH_ERRNOS.get(getattr(exc, "errno", None)) if isinstance(exc, OSError) else None
+    if why:
+        return {"failure_cause": OUTPUT_PATH_ERROR, "error": f"{why}: {exc.filename!r}"[:1000]}
+    return {"failure_cause": "INTERNAL_ERROR", "error": f"write failed: {exc!r}"}
+
+
 def _stripped(data: bytes, fmt: str, strip: str) -> bytes:
+    data = without_trailer(data, fmt)
     return strip_jpeg_metadata(data, strip) if fmt == "jpeg" and strip != "none" else data
 
 

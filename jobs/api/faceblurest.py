@@ -136,6 +136,8 @@ def _blur(service: Service, photo: bytes, fmt: str) -> dict:
         spec = build_spec({"inputs": [str(Path(tmp) / name)], "output": tmp, "job_id": "faceblurest",
                            "face": True, "method": "blur", "debug": True})
         result = service.processor.process(spec, str(Path(tmp) / name), name, str(Path(tmp) / "faceblurest"))
+        if result.status == "failed" and result.failure_cause == "TOO_LARGE":  # a pixel bomb, from its header
+            raise _error(413, FaceBlurestError.TOO_LARGE, f"the photo cannot be used ({result.error})")
         if result.status != "done":
             raise _error(400, FaceBlurestError.INVALID_DATA, f"the photo cannot be used ({result.failure_cause})")
         final = (Path(tmp) / "faceblurest" / "images" / name).read_bytes()
