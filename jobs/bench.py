@@ -118,7 +118,8 @@ def bench_bare(images_dir: str, fields: dict, out_dir: str) -> dict:
     spec = build_spec({**fields, "inputs": [images_dir], "output": out_dir})
     classes, models = spec.resolve_models()
     detector = Detector([(e.model_dump(), prepared_weights(e)) for e in models.values()], classes,
-                        spec.thresholds(), backend_for("cpu", spec.cpu_backend), os.cpu_count() or 1)
+                        spec.detection_profile().model_dump(), backend_for("cpu", spec.cpu_backend),
+                        os.cpu_count() or 1)
     options = WriteOptions(job_id="bare", job_root=str(Path(out_dir) / "bare"), anonymize=spec.anonymize_options(),
                            quality=spec.quality)
     rows = [r for r in list_sources([images_dir]) if r["kind"] == "image"]

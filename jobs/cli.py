@@ -39,8 +39,9 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
     _opt(p, "--method", choices=["blur", "pixelate", "blacken", "detect"],
          help="blur (default) | pixelate | blacken | detect (masks and metadata only)")
     _opt(p, "--bbox", action="store_true", default=None, help="anonymize the whole box, not the inscribed ellipse")
-    for cls, default in (("face", 0.15), ("license-plate", 0.5), ("person", 0.4), ("vehicle", 0.4)):
-        _opt(p, f"--{cls}-threshold", type=float, help=f"minimum score 0..1 (default {default})")
+    for cls in ("face", "license-plate", "person", "vehicle"):
+        _opt(p, f"--{cls}-threshold", type=float,
+             help="minimum score 0..1 for every size (default: the profile's thresholds by size)")
     for cls, default in (("face", "0.35"), ("license-plate", "0.5"), ("person", "95"), ("vehicle", "61")):
         _opt(p, f"--kernel-size-{cls}", type=float,
              help=f"blur/pixel kernel: < 1 = fraction of the object's shorter side, >= 1 = pixels (default {default})")
@@ -70,9 +71,10 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
               "0..0.5 of a tile, for every model")
     _opt(p, "--storage-option", type=_storage_option, action="append", dest="storage_option",
          metavar="KEY=VALUE", help="fsspec option for remote URLs, e.g. endpoint_url=http://127.0.0.1:9000, anon=true")
-    _opt(p, "--models", help="extra model catalog (YAML/JSON) to add to the built-in one")
-    _opt(p, "--detect-models", help="comma-separated catalog models to run instead of the defaults of the "
-                                     "classes asked for, e.g. centerface (see `veil models list`)")
+    _opt(p, "--models", help="extra model catalog (YAML/JSON): models and profiles added to the built-in ones")
+    _opt(p, "--profile", help=PROFILE_HELP)
+    _opt(p, "--detect-models", help="comma-separated catalog models to run instead of a profile's, "
+                                     "e.g. centerface (see `veil models list`)")
     _opt(p, "--device", choices=["auto", "cpu", "cuda"],
          help="where detection runs (default auto: cuda if the cluster has GPUs)")
     _opt(p, "--cpu-backend", choices=list(CPU_BACKENDS), help=CPU_BACKEND_HELP)
@@ -102,8 +104,11 @@ def _add_run_controls(p: argparse.ArgumentParser) -> None:
     _opt(p, "--retry-failed", action="store_true", help="when resuming a job id, process its failed items again")
 
 
+PROFILE_HELP = ("detection profile (default balanced): fast = deface's recall at 3x its speed; balanced = more "
+                "faces than deface at every size, plates >= 0.99; thorough = the most recall, whatever it costs "
+                "(models/catalog.yaml, README \"Detection quality\")")
 RUN_CONTROLS = ("approve", "auto_approve_below", "retry_failed")
-BENCH_JOB_OPTIONS = ("detect_models", "face_threshold", "license_plate_threshold", "person_threshold",
+BENCH_JOB_OPTIONS = ("profile", "detect_models", "face_threshold", "license_plate_threshold", "person_threshold",
                      "vehicle_threshold", "cpu_backend", "det_max_side", "detect_actors")
 EXIT_AWAITING_APPROVAL = 3  # `veil run` stopped with a quote: not an error, not done either
 
@@ -245,7 +250,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """`veil eval SET_DIR`: the pipeline in detect mode over a labelled set, scored (halves A/B,
     coverage); `--sweep CLASS` picks thresholds on half A; `--augment` scores degraded copies."""
     from jobs.eval_sweep import format_sweep
-    from jobs.evaluate import evaluate, evaluate_augmented, evaluate_sweep, format_report, override_catalog
+    from jobs.evaluate import evaluate, evaluate_augmented, evaluate_sweep, format_report, header, override_catalog
 
     classes = [c.replace("-", "_") for c in args.classes.split(",")] if args.classes else None
     thresholds = {c: getattr(args, f"{c}_threshold") for c in ("face", "license_plate", "person", "vehicle")
@@ -260,8 +265,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         ensemble=args.ensemble,
     )
     # job spec fields passed through as they are (a new JobSpec option here is one more name)
-    spec_extra = {k: getattr(args, k) for k in ("det_max_side", "batch_size", "detect_actors", "device", "cpu_backend")
-                  if getattr(args, k) is not None}
+    spec_extra = {k: getattr(args, k) for k in ("det_max_side", "batch_size", "detect_actors", "device", "cpu_backend",
+                                                "profile", "detect_models") if getattr(args, k) is not None}
     settings = {"thresholds": thresholds, "catalog_fields": catalog, **spec_extra}
     quiet = lambda *_: None  # noqa: E731 - the job's progress lines would bury the report
     if sweep:
@@ -269,8 +274,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise SpecError("--sweep uses both halves of one class: leave out --half, --augment and --classes")
         result = evaluate_sweep(args.set_dir, sweep, args.floor, _floats(args.grid) if args.grid else None,
                                 args.target, args.target_all, output=args.json, log=quiet, **settings)
-        print(f"set {result['set']}: {result['images']} images, models {', '.join(result['models'])}, "
-              f"{result['img_s']} img/s (job wall {result['wall_s']} s)")
+        print(f"set {result['set']}: {header(result)}")
         print(format_sweep(result["sweep"]))
     elif args.augment:
         result = evaluate_augmented(args.set_dir, args.augment, classes, args.json, log=quiet, half=args.half,
@@ -304,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(bench, "--repeat", type=int, default=1, help="use every image N times under new names (default 1)")
     _opt(bench, "--pass-through", metavar="DIR",
          help="also run a set with nothing to anonymize and compare its speed with the full pass")
-    _opt(bench, "--detect-models", help="comma-separated catalog models to run instead of the defaults")
+    _opt(bench, "--profile", help=PROFILE_HELP)
+    _opt(bench, "--detect-models", help="comma-separated catalog models to run instead of a profile's")
     for cls in ("face", "license-plate", "person", "vehicle"):
         _opt(bench, f"--{cls}-threshold", type=float, help=f"minimum {cls.replace('-', ' ')} score 0..1")
     _opt(bench, "--cpu-backend", choices=list(CPU_BACKENDS), help=CPU_BACKEND_HELP)
@@ -330,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(ev, "--classes", help="comma-separated classes to score (default: the set's labels)")
     for cls in ("face", "license-plate", "person", "vehicle"):
         _opt(ev, f"--{cls}-threshold", type=float, help=f"minimum score for {cls.replace('-', ' ')}s")
-    _opt(ev, "--detect-models", help="comma-separated catalog names to use instead of the defaults")
+    _opt(ev, "--profile", help=PROFILE_HELP)
+    _opt(ev, "--detect-models", help="comma-separated catalog names to use instead of a profile's")
     _opt(ev, "--scales", help="resize factors of whole-image passes (tiled for fixed-size models), e.g. 1,2")
     _opt(ev, "--combine", choices=["mean", "max"], help="merge scale passes by mean score or NMS union")
     _opt(ev, "--ensemble", choices=["mean", "max"], help="merge several models of a class by mean score or union")

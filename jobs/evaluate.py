@@ -102,11 +102,19 @@ def detect_set(set_dir: Path, annotations: dict, classes: list[str], thresholds:
         doc = run_job(spec, log=log)
         wall = time.monotonic() - started
         found = _read_manifest(Path(tmp) / "out" / spec.job_id, set_dir)
+        profile = spec.detection_profile()  # reads the catalog file, which lives in tmp
     n = len(annotations["images"])
-    return found, {"models": sorted(doc.get("models", {})),
-                   "thresholds": {c: getattr(spec, f"{c}_threshold") for c in classes},
-                   "passes": {n: e["passes"] for n, e in (catalog_fields or {}).items() if e.get("default_for")},
+    plans = {c: profile.classes[c] for c in classes if c in profile.classes}
+    return found, {"models": sorted(doc.get("models", {})), "profile": profile.name,
+                   "thresholds": {c: _thresholds(p.thresholds) for c, p in plans.items()},
+                   "plans": {c: p.model_dump(exclude_none=True) for c, p in plans.items()},
                    "wall_s": round(wall, 2), "img_s": round(n / wall, 3) if wall else None}
+
+
+def _thresholds(rules: list) -> float | list[dict]:
+    """A plan's thresholds as the sweep takes them: one number, or the size rules."""
+    dumped = [r.model_dump(exclude_none=True) for r in rules]
+    return dumped[0]["score"] if len(dumped) == 1 else dumped
 
 
 def _link_images(set_dir: Path, annotations: dict, dest: Path) -> Path:
@@ -218,8 +226,7 @@ def format_report(result: dict) -> str:
     """Per class and bucket: recall, covered (>= 80 % under detections) and precision, for the whole
     set and its halves A and B; then the augmented copies' recall and drop, when there are any."""
     half = "" if result.get("half", "all") == "all" else f" (half {result['half']})"
-    lines = [f"set {result['set']}{half}: {result['images']} images, models {', '.join(result['models'])}, "
-             f"{result.get('img_s')} img/s (job wall {result.get('wall_s')} s)"]
+    lines = [f"set {result['set']}{half}: {header(result)}"]
     for cls, r in result["classes"].items():
         lines.append(f"  {cls} (threshold {_threshold(result['thresholds'].get(cls))}): {r['detections']} "
                      f"detections, {r['false_positives']} unmatched")
@@ -235,6 +242,11 @@ def format_report(result: dict) -> str:
     if result.get("augment"):
         lines.append(_format_augment(result))
     return "\n".join(lines)
+
+
+def header(result: dict) -> str:
+    return (f"{result['images']} images, profile {result.get('profile')} ({', '.join(result['models'])}), "
+            f"{result.get('img_s')} img/s (job wall {result.get('wall_s')} s)")
 
 
 def _format_augment(result: dict) -> str:

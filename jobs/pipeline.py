@@ -265,7 +265,7 @@ def build_dataset(
         fn_constructor_kwargs={
             "model_refs": model_refs,
             "classes": classes,
-            "thresholds": spec.thresholds(),
+            "profile": spec.detection_profile().model_dump(),
             "device": res.backend,
             "threads": res.threads_per_actor,
             "format": spec.detect_format(),

@@ -15,8 +15,9 @@ from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from models.catalog import ModelEntry, classes_with_models, default_models, load_catalog, vehicle_helper
+from models.catalog import ModelEntry, load_catalog, load_profiles
 from models.detections import CLASSES
+from models.profiles import DEFAULT_PROFILE, Profile, from_models, resolve
 from operators.anonymize import METHODS, AnonymizeOptions
 
 DEFAULT_CLASSES = ("face", "license_plate")  # the street-view default when no class flag is given
@@ -79,10 +80,11 @@ class JobSpec(BaseModel):
 
     method: Literal["blur", "pixelate", "blacken", "detect"] = "blur"
     bbox: bool = Field(False, description="anonymize the box instead of the inscribed ellipse")
-    face_threshold: float = Field(0.15, ge=0.0, le=1.0)  # the averaged 3-model face ensemble scores lower
-    license_plate_threshold: float = Field(0.5, ge=0.0, le=1.0)
-    person_threshold: float = Field(0.4, ge=0.0, le=1.0)
-    vehicle_threshold: float = Field(0.4, ge=0.0, le=1.0)
+    # Thresholds: None = the profile's (by size); a number = that score for every size.
+    face_threshold: float | None = Field(None, ge=0.0, le=1.0)
+    license_plate_threshold: float | None = Field(None, ge=0.0, le=1.0)
+    person_threshold: float | None = Field(None, ge=0.0, le=1.0)
+    vehicle_threshold: float | None = Field(None, ge=0.0, le=1.0)
     kernel_size_face: float = Field(0.35, gt=0.0, le=1000.0)
     kernel_size_license_plate: float = Field(0.5, gt=0.0, le=1000.0)
     kernel_size_person: float = Field(95.0, gt=0.0, le=1000.0)
@@ -105,9 +107,11 @@ class JobSpec(BaseModel):
     compress_level: int = Field(5, ge=0, le=9, description="PNG compression level")
 
     storage_options: dict = Field(default_factory=dict, description="fsspec options for remote URLs")
-    models: str | None = Field(None, description="extra model catalog file (YAML/JSON)")
+    models: str | None = Field(None, description="extra model catalog file (YAML/JSON): models and profiles")
+    profile: str | None = Field(None, description=f"detection profile: fast, balanced, thorough or one of the "
+                                                   f"--models file (default {DEFAULT_PROFILE})")
     detect_models: list[str] | None = Field(
-        None, description="catalog models to run, e.g. centerface (default: every default model of each class)")
+        None, description="catalog models to run instead of a profile's, e.g. centerface")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     cpu_backend: CpuBackend = Field("auto", description=CPU_BACKEND_HELP)
     det_max_side: int = Field(2048, ge=256, le=16384, description="longer side of the detection copy, px")
@@ -213,7 +217,8 @@ class JobSpec(BaseModel):
         """`format` as the Detector takes it: a preset name or {"number": [..], "overlap": [..]}."""
         return self.format if isinstance(self.format, str) else self.format.model_dump(mode="json")
 
-    def thresholds(self) -> dict[str, float]:
+    def thresholds(self) -> dict[str, float | None]:
+        """The thresholds given explicitly (None where the profile decides)."""
         return {c: getattr(self, f"{c}_threshold") for c in CLASSES}
 
     def kernels(self) -> dict[str, float]:
@@ -226,39 +231,54 @@ class JobSpec(BaseModel):
             return [c for c in CLASSES if flags[c]]
         return list(DEFAULT_CLASSES)
 
-    def resolve_models(self) -> tuple[list[str], dict[str, ModelEntry]]:
-        """(classes, models to load). Refuses a class asked for by flag that no model serves;
-        drops such a class silently only from the implicit default set."""
+    def detection_profile(self) -> Profile:
+        """The profile the detectors follow: the one named (or the default), or one made of the
+        `detect_models`; an explicit class threshold replaces that class's size rules."""
         catalog = load_catalog(self.models)
-        served = classes_with_models(catalog)
+        try:
+            profiles = load_profiles(self.models)
+        except ValueError as exc:
+            raise SpecError(f"models: {exc}") from None
+        if self.detect_models:
+            if self.profile:
+                raise SpecError("profile, detect-models: give one of them (a profile names its own models)")
+            unknown = [n for n in self.detect_models if n not in catalog]
+            if unknown:
+                raise SpecError(f"detect-models: unknown model(s) {unknown}; the catalog has {sorted(catalog)}")
+            vehicle_models = [m.model for m in profiles[DEFAULT_PROFILE].classes["vehicle"].members]
+            given = {c: t for c, t in self.thresholds().items() if t is not None}
+            profile = from_models(catalog, self.detect_models, list(CLASSES), vehicle_models,
+                                  {**LEGACY_THRESHOLDS, **given})
+        else:
+            name = self.profile or DEFAULT_PROFILE
+            if name not in profiles:
+                raise SpecError(f"profile: unknown profile {name!r}; choose from {sorted(profiles)}")
+            profile = resolve(profiles[name], catalog)
+        plans = {c: (p.uniform(self.thresholds()[c]) if self.thresholds()[c] is not None else p)
+                 for c, p in profile.classes.items()}
+        return profile.model_copy(update={"classes": plans})
+
+    def resolve_models(self) -> tuple[list[str], dict[str, ModelEntry]]:
+        """(classes, models to load). Refuses a class asked for by flag that no model of the
+        profile serves; drops such a class silently only from the implicit default set."""
+        profile = self.detection_profile()
+        served = sorted(profile.classes, key=CLASSES.index)
         classes = self.requested_classes()
         explicit = any(getattr(self, c) is not None for c in CLASSES)
         missing = [c for c in classes if c not in served]
         if missing and explicit:
             names = ", ".join("--" + c.replace("_", "-") for c in missing)
-            raise SpecError(
-                f"{names}: no model in the catalog detects {', '.join(missing)}; "
-                f"classes with a model: {sorted(served)}"
-            )
+            how = "detect-models" if self.detect_models else f"profile {profile.name}"
+            raise SpecError(f"{names}: no model of {how} detects {', '.join(missing)}; classes with a model: {served}")
         classes = [c for c in classes if c in served]
         if not classes:
-            raise SpecError(f"no class to detect; choose from {sorted(served)} (--face, --license-plate, ...)")
-        if self.detect_models:
-            return classes, self._named_models(catalog, classes)
-        return classes, default_models(catalog, classes)
+            raise SpecError(f"no class to detect; choose from {served} (--face, --license-plate, ...)")
+        catalog = load_catalog(self.models)
+        return classes, {name: catalog[name] for name in profile.model_names(classes)}
 
-    def _named_models(self, catalog: dict[str, ModelEntry], classes: list[str]) -> dict[str, ModelEntry]:
-        """--detect-models: exactly those models (plus the vehicle finder two-stage plates need)."""
-        unknown = [n for n in self.detect_models if n not in catalog]
-        if unknown:
-            raise SpecError(f"detect-models: unknown model(s) {unknown}; the catalog has {sorted(catalog)}")
-        chosen = {n: catalog[n] for n in self.detect_models}
-        unserved = [c for c in classes if not any(c in e.veil_classes for e in chosen.values())]
-        if unserved:
-            raise SpecError(f"detect-models: none of {self.detect_models} detects {unserved}; models by class: "
-                            + "; ".join(f"{c}: {sorted(n for n, e in catalog.items() if c in e.veil_classes)}"
-                                        for c in unserved))
-        return vehicle_helper(catalog, chosen)
+
+# --detect-models without thresholds: single models score higher than averaged ensembles
+LEGACY_THRESHOLDS = {"face": 0.2, "license_plate": 0.5, "person": 0.4, "vehicle": 0.4}
 
 
 def build_spec(fields: dict) -> JobSpec:

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.detections import CLASSES
+from models.profiles import Profile
 
 BUILTIN_CATALOG = Path(__file__).with_name("catalog.yaml")
 
@@ -60,7 +61,8 @@ class ModelEntry(BaseModel):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     license: str = "unknown"
     input_size: int | None = None
-    default_for: list[str] = []
+    default_for: list[str] = Field([], description="unused since profiles choose the models; kept so older "
+                                                   "catalog files load")
     # Adapter-specific settings (e.g. RetinaFace priors, input mean); each adapter documents its keys.
     options: dict = {}
     passes: Passes = Passes()
@@ -80,41 +82,36 @@ class ModelEntry(BaseModel):
 
 
 def load_catalog(extra: str | Path | None = None) -> dict[str, ModelEntry]:
-    """The built-in catalog, with entries from `extra` (a YAML/JSON file) added or replacing."""
-    entries = _read(BUILTIN_CATALOG)
+    """The built-in catalog's models, with those of `extra` (a YAML/JSON file) added or replacing."""
+    entries = _read(BUILTIN_CATALOG)[0]
     if extra:
-        entries.update(_read(Path(extra)))
+        entries.update(_read(Path(extra))[0])
     return entries
 
 
-def _read(path: Path) -> dict[str, ModelEntry]:
+def load_profiles(extra: str | Path | None = None) -> dict[str, Profile]:
+    """The built-in profiles, with those of `extra` added or replacing; each checked against the
+    models of the combined catalog."""
+    profiles = _read(BUILTIN_CATALOG)[1]
+    if extra:
+        profiles.update(_read(Path(extra))[1])
+    catalog = load_catalog(extra)
+    for profile in profiles.values():
+        unknown = sorted({m.model for p in profile.classes.values() for m in p.members} - set(catalog))
+        if unknown:
+            raise ValueError(f"profile {profile.name}: unknown model(s) {unknown}; the catalog has {sorted(catalog)}")
+    return profiles
+
+
+def _read(path: Path) -> tuple[dict[str, ModelEntry], dict[str, Profile]]:
+    """A catalog file: `models:` (name -> entry) and `profiles:` (name -> profile); a file
+    holding only a mapping of name -> entry (the older shape) is read as models."""
     raw = yaml.safe_load(path.read_text()) or {}
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: a catalog is a mapping of model name -> entry")
-    return {name: ModelEntry(name=name, **fields) for name, fields in raw.items()}
-
-
-def default_models(catalog: dict[str, ModelEntry], classes: list[str]) -> dict[str, ModelEntry]:
-    """Every catalog entry that is a default for a requested class (several entries may serve one
-    class: their detections are merged, an ensemble)."""
-    chosen: dict[str, ModelEntry] = {}
-    for cls in classes:
-        for entry in catalog.values():
-            if cls in entry.default_for:
-                chosen[entry.name] = entry
-    # Two-stage plates need vehicles even when only plates are asked for; the Detector keeps only
-    # the requested classes in its output.
-    return vehicle_helper(catalog, chosen)
-
-
-# The model whose vehicles the two-stage plate search crops around, when plates are asked for.
-def vehicle_helper(catalog: dict[str, ModelEntry], chosen: dict[str, ModelEntry]) -> dict[str, ModelEntry]:
-    if any(e.passes.vehicle_crops for e in chosen.values()) and not any(
-        "vehicle" in e.veil_classes for e in chosen.values()
-    ):
-        return {**chosen, **default_models(catalog, ["vehicle"])}
-    return chosen
-
-
-def classes_with_models(catalog: dict[str, ModelEntry]) -> set[str]:
-    return {c for e in catalog.values() for c in e.default_for}
+        raise ValueError(f"{path}: a catalog is a mapping with `models:` and/or `profiles:`")
+    if set(raw) <= {"models", "profiles"} and all(isinstance(v, dict) for v in raw.values()):
+        models, profiles = raw.get("models") or {}, raw.get("profiles") or {}
+    else:
+        models, profiles = raw, {}
+    return ({name: ModelEntry(name=name, **fields) for name, fields in models.items()},
+            {name: Profile(name=name, **fields) for name, fields in profiles.items()})

@@ -151,6 +151,20 @@ def combine_passes(per_pass: list[Detections], mode: str = "mean", iou: float = 
     return out
 
 
+def near(dets: Detections, vehicles: Detections, grow: float) -> Detections:
+    """`dets` whose box centre lies inside a vehicle box grown by `grow` of its size on each side
+    (a plate on a car, not a sign behind it)."""
+    if len(dets) == 0 or len(vehicles) == 0:
+        return dets.select(np.zeros(len(dets), bool))
+    v = vehicles.boxes
+    pad_x, pad_y = (v[:, 2] - v[:, 0]) * grow, (v[:, 3] - v[:, 1]) * grow
+    cx = (dets.boxes[:, 0] + dets.boxes[:, 2]) / 2
+    cy = (dets.boxes[:, 1] + dets.boxes[:, 3]) / 2
+    inside = ((cx[:, None] >= v[None, :, 0] - pad_x) & (cx[:, None] <= v[None, :, 2] + pad_x)
+              & (cy[:, None] >= v[None, :, 1] - pad_y) & (cy[:, None] <= v[None, :, 3] + pad_y))
+    return dets.select(inside.any(axis=1))
+
+
 CROP_MERGE_GROWTH = 1.25  # two crops become one when that costs at most 20 % of the zoom
 
 

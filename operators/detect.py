@@ -1,10 +1,11 @@
 """Detect (an actor pool): run the job's models over the detection copies, in batches.
 
 `Detector` loads each model once (from weights bytes handed to it, so workers need no disk or
-network), runs every model over the batch with the passes its catalog entry asks for (scales,
-tiles, vehicle crops: models/passes.py), keeps each class above its threshold, merges
-duplicates with NMS and maps boxes back to stored full-resolution pixels. Rows that failed
-earlier pass through untouched.
+network) and follows the job's profile (models/profiles.py): for each class, each member model
+looks at the batch at its scale, with its tiles and vehicle crops (models/passes.py); a model run
+serving several classes runs once; the members' findings are fused (mean or union), kept above
+the class's size-aware thresholds, and mapped back to stored full-resolution pixels. Rows that
+failed earlier pass through untouched.
 
 The job's `format` chooses the tiles: `auto` (each catalog entry's own `passes.tiling`; images
 recognised as 360-degree panoramas are handled as `panorama`), `whole` (no tiles), `panorama`
@@ -21,12 +22,13 @@ import numpy as np
 
 from models.adapters import adapter_class
 from models.catalog import ModelEntry
-from models.detections import CLASSES, Detections, merge_per_class
+from models.detections import CLASSES, Detections
 from models.passes import (
     Overlap,
     View,
     combine_passes,
     grid_for,
+    near,
     panorama_grid,
     run_views,
     seam_strip,
@@ -35,6 +37,7 @@ from models.passes import (
     vehicle_crop_views,
     wrap_seam,
 )
+from models.profiles import Profile
 from models.runtime import release_freed_memory
 from operators.codecs import jpeg_header_segments, png_chunks
 from operators.orientation import boxes_to_stored
@@ -47,28 +50,48 @@ class Detector:
         self,
         models: list[tuple[dict, bytes]],
         classes: list[str],
-        thresholds: dict[str, float],
+        profile: dict,
         device: str = "cpu",
         threads: int = 0,
         format: str | dict = "auto",  # the seed APIs' name
         adapters: list | None = None,
     ):
         """`models`: (catalog entry as a dict, prepared weights) pairs; `classes`: what to keep;
-        `format`: whole | auto | panorama | {"number": [nx, ny], "overlap": [ox, oy]} (module doc);
-        `adapters`: models already loaded (a service shares them between requests), used as well."""
+        `profile`: a resolved Profile as a dict (models/profiles.py: members, fusion, thresholds
+        per class); `format`: whole | auto | panorama | {"number": [nx, ny], "overlap": [ox, oy]}
+        (module doc); `adapters`: models already loaded (a service shares them), used as well."""
         if isinstance(format, str) and format not in FORMAT_PRESETS:
             raise ValueError(f"format must be one of {FORMAT_PRESETS} or a tile grid, got {format!r}")
         self.format = format
-        self.adapters = list(adapters or [])
+        adapters = list(adapters or [])
         for entry_fields, weights in models:
             entry = ModelEntry(**entry_fields)
-            self.adapters.append(adapter_class(entry.adapter)(entry, weights, device, threads))
-        # Vehicle models run first: the two-stage plate search crops around their vehicles.
-        self.adapters_in_order = sorted(self.adapters, key=lambda a: "vehicle" not in a.entry.veil_classes)
-        self.class_ids = np.array([CLASSES.index(c) for c in classes], dtype=np.int16)
-        self.thresholds = thresholds
-        self.min_scores = np.array([thresholds.get(c, 0.5) for c in CLASSES], dtype=np.float32)
+            adapters.append(adapter_class(entry.adapter)(entry, weights, device, threads))
+        self.adapters = {a.entry.name: a for a in adapters}
+        self.profile = Profile.model_validate(profile)
+        self.classes = list(classes)
+        # Vehicles first: plate members crop around them or keep only plates near them.
+        self.plans = sorted(((c, p) for c, p in self.profile.classes.items()
+                             if c in self.classes or (c == "vehicle" and self._needs_vehicles())),
+                            key=lambda cp: cp[0] != "vehicle")
+        self.cuts = self._decode_cuts()
         self.on_gpu = device == "cuda"
+
+    def _needs_vehicles(self) -> bool:
+        return any(m.vehicle_crops or m.near_vehicle is not None
+                   for c, p in self.profile.classes.items() if c in self.classes for m in p.members)
+
+    def _decode_cuts(self) -> dict[tuple, dict[str, float]]:
+        """Per model run, the score each class is decoded down to: what can still reach the class's
+        lowest threshold after fusion (with `mean` over n members, a member's s adds s / n)."""
+        cuts: dict[tuple, dict[str, float]] = {}
+        for cls, plan in self.plans:
+            n = len(plan.members) if plan.fusion == "mean" else 1
+            for m in plan.members:
+                cut = max(m.min_score, plan.lowest() / n)
+                run = cuts.setdefault(m.pass_key(), {})
+                run[cls] = min(run.get(cls, 1.0), cut)
+        return cuts
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         t0, cpu0 = time.perf_counter(), time.process_time()
@@ -79,7 +102,8 @@ class Detector:
         found = []
         for k in range(0, len(todo), step):
             part = todo[k:k + step]
-            found += self.detect([_det_image(batch, i) for i in part], [self._is_panorama(batch, i) for i in part])
+            found += self.detect([_det_image(batch, i) for i in part], [self._is_panorama(batch, i) for i in part],
+                                 [_stored_scale(batch, i) for i in part])
             release_freed_memory()
         per_item_ms = (time.perf_counter() - t0) * 1e3 / max(len(todo), 1)
         # compute cost: this process's CPU time (all ONNX Runtime threads), and the GPU held meanwhile
@@ -116,91 +140,73 @@ class Detector:
         fmt = str(batch["format"][i]) if "format" in batch else ""
         return is_equirectangular(data or b"", fmt, width, height)
 
-    def detect(self, images: list[np.ndarray], panoramas: list[bool] | None = None) -> list[Detections]:
-        """Detections per upright RGB image, in that image's pixels, thresholded and merged.
-        Images flagged in `panoramas` are searched wrapped around their left/right seam."""
+    def detect(self, images: list[np.ndarray], panoramas: list[bool] | None = None,
+               stored_scales: list[float] | None = None) -> list[Detections]:
+        """Detections per upright RGB image, in that image's pixels, fused and thresholded by the
+        profile. Images flagged in `panoramas` are searched wrapped around their left/right seam;
+        `stored_scales` (stored px per image px, default 1) size boxes for the size thresholds."""
         if not images:
             return []
         panoramas = panoramas or [self.format == "panorama"] * len(images)
+        stored_scales = stored_scales or [1.0] * len(images)
         strips = [seam_strip(img.shape[1]) if pano else 0 for img, pano in zip(images, panoramas, strict=True)]
         widths = [img.shape[1] for img in images]
         images = [wrap_seam(img, s) if s else img for img, s in zip(images, strips, strict=True)]
-        order = self.adapters_in_order
-        per_image: list[list[Detections]] = [[] for _ in images]
-        vehicles: list[Detections] | None = None
-        for adapter in order:
-            found = self._run_model(adapter, images, vehicles, panoramas)
-            for i, dets in enumerate(found):
-                per_image[i].append(dets)
-            if "vehicle" in adapter.entry.veil_classes and vehicles is None:
-                vid = CLASSES.index("vehicle")
-                vehicles = [d.select((d.classes == vid) & (d.scores >= self.min_scores[vid])) for d in found]
+        runs: dict[tuple, list[Detections]] = {}
+        fused: dict[str, list[Detections]] = {}
+        for cls, plan in self.plans:
+            c = CLASSES.index(cls)
+            per_member = []
+            for m in plan.members:
+                key = m.pass_key()
+                if key not in runs:
+                    runs[key] = self._run_member(m, images, fused.get("vehicle"), panoramas, self.cuts[key])
+                mine = [d.select((d.classes == c) & (d.scores >= max(m.min_score, self.cuts[key][cls])))
+                        for d in runs[key]]
+                if m.near_vehicle is not None:
+                    mine = [near(d, v, m.near_vehicle) for d, v in zip(mine, fused["vehicle"], strict=True)]
+                per_member.append(mine)
+            mode = "mean" if plan.fusion == "mean" else "max"
+            fused[cls] = []
+            for i in range(len(images)):
+                dets = combine_passes([member[i] for member in per_member], mode)
+                sizes = np.maximum(dets.boxes[:, 2] - dets.boxes[:, 0], dets.boxes[:, 3] - dets.boxes[:, 1])
+                fused[cls].append(dets.select(dets.scores >= plan.threshold_for(sizes * stored_scales[i])))
         results = []
-        for parts, width, strip in zip(per_image, widths, strips, strict=True):
-            dets = self._fuse(parts)
-            keep = np.isin(dets.classes, self.class_ids) & (dets.scores >= self.min_scores[dets.classes])
-            dets = merge_per_class(dets.select(keep))
+        for i, (width, strip) in enumerate(zip(widths, strips, strict=True)):
+            dets = Detections.concat([fused[c][i] for c, _ in self.plans if c in self.classes])
             results.append(unwrap_seam(dets, width, strip) if strip else dets)
         return results
 
-    def _ensemble_size(self, cls: str) -> int:
-        """How many models' scores are averaged for `cls` (1 = a plain union)."""
-        serving = [a for a in self.adapters if cls in a.entry.veil_classes]
-        return len(serving) if any(a.entry.passes.ensemble == "mean" for a in serving) else 1
-
-    def _fuse(self, parts: list[Detections]) -> Detections:
-        """Models' detections of one image: per class, averaged where an ensemble says `mean`
-        (one model's confident mistake is diluted by the others), else an NMS union."""
-        out = []
-        for c, name in enumerate(CLASSES):
-            of_class = [p.select(p.classes == c) for p in parts]
-            of_class = [p for p, a in zip(of_class, self.adapters_in_order, strict=True)
-                        if name in a.entry.veil_classes]
-            if not of_class:
-                continue
-            mode = "mean" if self._ensemble_size(name) > 1 else "max"
-            out.append(combine_passes(of_class, mode))
-        return Detections.concat(out)
-
-    def _run_model(self, adapter, images: list[np.ndarray], vehicles: list[Detections] | None,
-                   panoramas: list[bool]) -> list[Detections]:
-        """One model over the batch with its passes (models/passes.py): whole-image scales
-        combined as the catalog says, then tiles and vehicle crops added as a union."""
-        cfg = adapter.entry.passes
-        scales = list(cfg.scales)
-        # With averaging, a pass that saw an object at score s adds s / n: decode that low.
-        n_avg = len(scales) if cfg.combine == "mean" else 1
-        thresholds = {c: t / n_avg / self._ensemble_size(c) for c, t in self.thresholds.items()}
+    def _run_member(self, member, images: list[np.ndarray], vehicles: list[Detections] | None,
+                    panoramas: list[bool], cuts: dict[str, float]) -> list[Detections]:
+        """One member's model over the batch (models/passes.py): the whole image at the member's
+        scale (tiled when a fixed-size model would shrink it back), plus the catalog's tiles and,
+        for plates, crops around vehicles, joined as a union."""
+        adapter = self.adapters[member.model]
+        cfg = adapter.entry.passes.model_copy(update={"tiling": member.tiling, "overlap": member.overlap})
         fixed = adapter.fixed_size
         side = fixed[1] if fixed else (adapter.entry.input_size or 640)
         views: list[View] = []
         for i, img in enumerate(images):
             h, w = img.shape[:2]
-            for k, s in enumerate(scales):
-                if fixed and s > 1:
-                    # A fixed-size model would shrink an upscaled frame right back: tile it instead.
-                    nx, ny = grid_for(round(w * s), round(h * s), side, cfg.overlap)
-                    views += tiled_views(i, w, h, nx, ny, cfg.overlap, k, factor=s)
-                else:
-                    views.append(View(i, (0, 0, w, h), s, k))
+            s = member.scale if member.max_side is None else min(member.scale, member.max_side / max(h, w))
+            if fixed and s > 1:
+                # A fixed-size model would shrink an upscaled frame right back: tile it instead.
+                nx, ny = grid_for(round(w * s), round(h * s), side, cfg.overlap)
+                views += tiled_views(i, w, h, nx, ny, cfg.overlap, 0, factor=s)
+            else:
+                views.append(View(i, (0, 0, w, h), s, 0))
             grid = self._tile_grid(cfg, w, h, side if fixed else None, panoramas[i])
             if grid:
-                views += tiled_views(i, w, h, *grid, len(scales))
-            if cfg.vehicle_crops and vehicles is not None:
-                views += vehicle_crop_views(vehicles[i], w, h, side, cfg.crop_max_factor, len(scales) + 1, i)
+                views += tiled_views(i, w, h, *grid, 1)
+            if member.vehicle_crops and vehicles is not None:
+                views += vehicle_crop_views(vehicles[i], w, h, side, cfg.crop_max_factor, 2, i)
         by_image: list[dict[int, list[Detections]]] = [{} for _ in images]
-        for view, dets in run_views(adapter, images, views, thresholds):
+        for view, dets in run_views(adapter, images, views, cuts):
             by_image[view.image].setdefault(view.pass_id, []).append(dets)
-        out = []
-        for passes in by_image:
-            scaled = [Detections.concat(passes.get(k, [])) for k in range(len(scales))]
-            merged = combine_passes(scaled, cfg.combine)
-            extra = [Detections.concat(v) for k, v in passes.items() if k >= len(scales)]
-            if extra:
-                merged = combine_passes([merged, *extra], "max")
-            out.append(merged)
-        return out
-
+        return [combine_passes([Detections.concat(v) for v in passes.values()] or [Detections.empty()], "max")
+                for passes in by_image]
 
     def _tile_grid(self, cfg, width: int, height: int, model_side: int | None,
                    panorama: bool) -> tuple[int, int, Overlap] | None:
@@ -255,6 +261,11 @@ def to_stored_pixels(dets: Detections, det_w: int, det_h: int, width: int, heigh
     ]
     moved = Detections(boxes, dets.scores, dets.classes, dets.details, dets.models, dets.tiles, polygons)
     return moved.scaled(width / stored_w, height / stored_h).clipped(width, height)
+
+
+def _stored_scale(batch: dict[str, np.ndarray], i: int) -> float:
+    """Stored-image pixels per detection-copy pixel (the copy may be scaled down)."""
+    return max(int(batch["width"][i]), int(batch["height"][i])) / max(int(batch["det_w"][i]), int(batch["det_h"][i]))
 
 
 def _det_image(batch: dict[str, np.ndarray], i: int) -> np.ndarray:

