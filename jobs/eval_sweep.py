@@ -6,7 +6,8 @@ sweep costs one run. Offline equals a run at that threshold where detections mer
 NMS keeps the same boxes above any threshold). Where passes or models are averaged (`mean`, e.g.
 the default face ensemble) a pass that scored under the threshold is decoded at the floor and
 adds its share to the mean, so offline scores can be slightly higher: confirm a choice with a
-plain `veil eval --face-threshold ...` run.
+plain `veil eval --face-threshold ...` run. A profile member's own `min_score` (e.g. the plate
+members' 0.1 and 0.5) still cuts before fusion: the floor does not reach under it.
 
 The rule (`choose_thresholds`), on half A only, for a size-aware pair in the profiles' format
 `[{"below": 20, "score": SMALL}, {"score": LARGE}]` (detection's longer side):
@@ -106,18 +107,18 @@ def format_sweep(report: dict) -> str:
                        (f"< {below} px swept, >= {below} px at the chosen one", "small")):
         lines.append(f"  {title}")
         for a, b in zip(report[key]["A"], report[key]["B"], strict=True):
-            label = _label(a["thresholds"], short=True)
+            label = threshold_label(a["thresholds"], short=True)
             lines.append(f"  {label:>20}   A: {_cells(a['buckets'])}   B: {_cells(b['buckets'])}")
     ch = report["chosen"]
     missed = [k for k, ok in ch["reached"].items() if not ok]
-    lines.append(f"  chosen ({ch['rule']}): thresholds {_label(ch['thresholds'])}"
+    lines.append(f"  chosen ({ch['rule']}): thresholds {threshold_label(ch['thresholds'])}"
                  + (f"  [target not reached on A: {', '.join(missed)}]" if missed else ""))
     for h in ("A", "B"):
         lines.append(f"  {'half ' + h:>20}   {_cells(ch[h]['buckets'])}")
     return "\n".join(lines)
 
 
-def _label(t: Thresholds, short: bool = False) -> str:
+def threshold_label(t: Thresholds, short: bool = False) -> str:
     """A threshold as the table shows it (short) or as a profile's YAML takes it."""
     if isinstance(t, int | float):
         return f"{t:g}"

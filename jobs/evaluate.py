@@ -34,7 +34,7 @@ import yaml
 from jobs.eval_augment import augment_set
 from jobs.eval_scoring import BUCKET_NAMES, score_with_halves, split_halves
 from jobs.eval_scoring import score_set as score_set  # re-exported: jobs/bench.py scores with it
-from jobs.eval_sweep import DEFAULT_GRID, SMALL_BELOW, run_sweep
+from jobs.eval_sweep import DEFAULT_GRID, SMALL_BELOW, run_sweep, threshold_label
 from models.catalog import load_catalog
 from models.detections import CLASSES
 
@@ -81,7 +81,7 @@ def load_annotations(set_dir: str | Path) -> dict:
 def detect_set(set_dir: Path, annotations: dict, classes: list[str], thresholds: dict[str, float] | None,
                catalog_fields: dict | None, log=print, **spec_fields) -> tuple[dict[str, list[dict]], dict]:
     """Run the pipeline in detect mode over the images `annotations` lists; returns their detection
-    rows by file and the run's facts (models, thresholds, passes, wall, img/s)."""
+    rows by file and the run's facts (profile, models, thresholds and plan per class, wall, img/s)."""
     from jobs.run import run_job
     from jobs.spec import build_spec
 
@@ -228,7 +228,7 @@ def format_report(result: dict) -> str:
     half = "" if result.get("half", "all") == "all" else f" (half {result['half']})"
     lines = [f"set {result['set']}{half}: {header(result)}"]
     for cls, r in result["classes"].items():
-        lines.append(f"  {cls} (threshold {_threshold(result['thresholds'].get(cls))}): {r['detections']} "
+        lines.append(f"  {cls} (threshold {threshold_label(result['thresholds'].get(cls))}): {r['detections']} "
                      f"detections, {r['false_positives']} unmatched")
         lines.append(f"    {'bucket':>7} {'part':>4}  {'recall':<15} {'covered':<15} precision")
         parts = {"all": r, **r.get("halves", {})}
@@ -259,14 +259,10 @@ def _format_augment(result: dict) -> str:
         rows += [(name, a["result"], a["drop"].get(cls, {})) for name, a in result["augment"].items()]
         for name, res, drop in rows:
             b = res["classes"].get(cls, {}).get("buckets", {})
-            cells = [f"{_num(b[k]['recall'])} ({-100 * drop[k]:+5.1f})" if k in drop else "-" for k in keys]
+            cells = [f"{_num(b[k]['recall'])} ({0.0 - 100 * drop[k]:+5.1f})" if k in drop else "-" for k in keys]
             covered = _num(b.get("all", {}).get("covered_rate"))
             lines.append(f"    {name:<8}" + "".join(f"{c:>15}" for c in cells) + f"{covered:>13}  {res.get('img_s')}")
     return "\n".join(lines)
-
-
-def _threshold(t) -> str:
-    return json.dumps(t) if isinstance(t, list) else f"{t}"
 
 
 def _num(v: float | None) -> str:
