@@ -99,7 +99,7 @@ def run_sweep(annotations: dict, found: dict[str, list[dict]], cls: str, floor: 
 
 def format_sweep(report: dict) -> str:
     cls, below = report["class"], report["below"]
-    head = "recall all  <20  >=20 | covered >=20 | prec >=20"
+    head = f"{'recall all':>10} {'<20':>5} {'>=20':>5} | {'covered >=20':>12} | {'prec >=20':>9}"
     lines = [f"sweep {cls} (floor {report['floor']}, thresholds applied offline to one run): "
              f"half A {report['images']['A']} images, half B {report['images']['B']} images",
              f"  {'threshold':>20}   A: {head}   B: {head}"]
@@ -111,8 +111,10 @@ def format_sweep(report: dict) -> str:
             lines.append(f"  {label:>20}   A: {_cells(a['buckets'])}   B: {_cells(b['buckets'])}")
     ch = report["chosen"]
     missed = [k for k, ok in ch["reached"].items() if not ok]
+    top = [r["score"] for r in ch["thresholds"]].count(max(report["grid"]))
     lines.append(f"  chosen ({ch['rule']}): thresholds {threshold_label(ch['thresholds'])}"
-                 + (f"  [target not reached on A: {', '.join(missed)}]" if missed else ""))
+                 + (f"  [target not reached on A: {', '.join(missed)}]" if missed else "")
+                 + ("  [the grid's highest: a higher one may pass too]" if top else ""))
     for h in ("A", "B"):
         lines.append(f"  {'half ' + h:>20}   {_cells(ch[h]['buckets'])}")
     return "\n".join(lines)

@@ -33,7 +33,10 @@ import yaml
 
 from jobs.eval_augment import augment_set
 from jobs.eval_scoring import BUCKET_NAMES, score_with_halves, split_halves
-from jobs.eval_scoring import score_set as score_set  # re-exported: jobs/bench.py scores with it
+
+# re-exported: jobs/bench.py and tests/test_models.py import them from here
+from jobs.eval_scoring import match_image as match_image
+from jobs.eval_scoring import score_set as score_set
 from jobs.eval_sweep import DEFAULT_GRID, SMALL_BELOW, run_sweep, threshold_label
 from models.catalog import load_catalog
 from models.detections import CLASSES
