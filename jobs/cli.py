@@ -211,7 +211,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from models.catalog import load_catalog
+    from models.catalog import load_catalog, load_profiles
     from models.fetch import fetch_weights, prepared_weights
 
     catalog = load_catalog(args.models)
@@ -227,9 +227,13 @@ def cmd_models(args: argparse.Namespace) -> int:
             print(f"{name}: {path}" + (f" (and its {entry.quantize} copy)" if entry.quantize else ""))
         else:
             print(json.dumps({"name": name, "adapter": entry.adapter, "classes": entry.classes,
-                              "license": entry.license, "default_for": entry.default_for,
-                              "source": entry.source.model_dump(exclude_none=True),
+                              "license": entry.license, "source": entry.source.model_dump(exclude_none=True),
                               **({"quantize": entry.quantize} if entry.quantize else {})}))
+    if args.action == "list" and not args.names:
+        for name, profile in load_profiles(args.models).items():
+            print(json.dumps({"profile": name, "description": profile.description,
+                              "classes": {c: {"models": [m.model for m in p.members], "fusion": p.fusion}
+                                          for c, p in profile.classes.items()}}))
     return 0
 
 
