@@ -234,7 +234,7 @@ def format_report(result: dict) -> str:
         lines.append(f"  {cls} (threshold {threshold_label(result['thresholds'].get(cls))}): {r['detections']} "
                      f"detections, {r['false_positives']} unmatched")
         lines.append(f"    {'bucket':>7} {'part':>4}  {'recall':<15} {'covered':<15} precision")
-        parts = {"all": r, **r.get("halves", {})}
+        parts = {result.get("half", "all"): r, **r.get("halves", {})}  # one half run: its own name
         for key in r["buckets"]:
             for k, (name, p) in enumerate(parts.items()):
                 b = p["buckets"].get(key)

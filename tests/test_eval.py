@@ -197,7 +197,8 @@ def test_veil_eval_half_with_an_augmented_copy(ray_local, shared_dir, eval_annot
     assert clean["boxes"] == down["boxes"] == boxes
     assert result["augment"]["down50"]["drop"]["face"]["all"] == round(clean["recall"] - down["recall"], 4)
     text = capsys.readouterr().out
-    assert "(half A)" in text and "down50" in text
+    assert "(half A)" in text and f"  all    A  {clean['recall']:.3f} ({clean['found']}/{boxes})" in text
+    assert "down50" in text
 
 
 def test_veil_eval_sweep_equals_a_run_at_the_threshold(ray_local, shared_dir, tmp_path, capsys):
@@ -221,3 +222,9 @@ def test_veil_eval_sweep_equals_a_run_at_the_threshold(ray_local, shared_dir, tm
     assert offline["thresholds"] == 0.5
     assert (offline["detections"], offline["false_positives"]) == (run["detections"], run["false_positives"])
     assert offline["buckets"] == run["buckets"]
+
+
+def test_sweep_refuses_one_half(shared_dir, capsys):
+    """A sweep picks on A and reports on B: it needs both halves (refused before any run)."""
+    assert main(["eval", str(shared_dir / "eval" / "faces"), "--sweep", "face", "--half", "A"]) == 2
+    assert "--sweep uses both halves" in capsys.readouterr().err
