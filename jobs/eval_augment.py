@@ -68,13 +68,13 @@ def augment_set(annotations: dict, set_dir: Path, name: str, dest: Path) -> dict
     """Write `annotations`' images of `set_dir` augmented by `name` into `dest` (images/ and
     annotations.json, boxes and sizes scaled); returns the new annotations."""
     fn, scale, quality = AUGMENTATIONS[name]
-    (dest / "images").mkdir(parents=True, exist_ok=True)
     images = []
     for im in annotations["images"]:
         with Image.open(set_dir / im["file"]) as src:
             rgb = np.asarray(src.convert("RGB"))
         out = Image.fromarray(np.ascontiguousarray(fn(rgb, im["file"])))
         rel = str(Path(im["file"]).with_suffix(".jpg" if quality else ".png"))
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         if quality:
             out.save(dest / rel, "JPEG", quality=quality)
         else:

@@ -122,9 +122,9 @@ def _thresholds(rules: list) -> float | list[dict]:
 
 def _link_images(set_dir: Path, annotations: dict, dest: Path) -> Path:
     """The listed images in a folder of their own (hard links where the file system allows)."""
-    dest.mkdir(parents=True)
     for im in annotations["images"]:
-        src, to = set_dir / im["file"], dest / Path(im["file"]).name
+        src, to = set_dir / im["file"], dest / Path(im["file"]).relative_to("images")  # rel_path as in the set
+        to.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.link(src, to)
         except OSError:
