@@ -78,8 +78,8 @@ def covered_fraction(box, dets: np.ndarray) -> float:
     d[:, [0, 2]] = d[:, [0, 2]].clip(x1, x2)
     d[:, [1, 3]] = d[:, [1, 3]].clip(y1, y2)
     d = d[(d[:, 2] > d[:, 0]) & (d[:, 3] > d[:, 1])]
-    if len(d) == 0:
-        return 0.0
+    if len(d) <= 1:  # the common case, without the grid
+        return float((d[:, 2] - d[:, 0]) @ (d[:, 3] - d[:, 1])) / area
     xs = np.unique(np.concatenate([[x1, x2], d[:, 0], d[:, 2]]))
     ys = np.unique(np.concatenate([[y1, y2], d[:, 1], d[:, 3]]))
     cx, cy = (xs[:-1] + xs[1:]) / 2, (ys[:-1] + ys[1:]) / 2
@@ -130,8 +130,10 @@ def score_set(annotations: dict, found: dict[str, list[dict]], classes: list[str
             dets = np.asarray([[r["x1"], r["y1"], r["x2"], r["y2"]] for r in rows], np.float32).reshape(-1, 4)
             matched = match_image(gt, dets, np.asarray([r["score"] for r in rows]), cls == "license_plate")
             buckets = [bucket_of(b, scale) for b in gt]
-            for box, b in zip(gt, buckets, strict=True):
-                protected = int(covered_fraction(box, dets) >= COVERED_AT)
+            touching = ((dets[None, :, 0] < gt[:, None, 2]) & (dets[None, :, 2] > gt[:, None, 0])
+                        & (dets[None, :, 1] < gt[:, None, 3]) & (dets[None, :, 3] > gt[:, None, 1]))
+            for box, b, near in zip(gt, buckets, touching, strict=True):
+                protected = int(covered_fraction(box, dets[near]) >= COVERED_AT)
                 for key in _keys(b):
                     gt_n[key] += 1
                     covered[key] += protected
