@@ -273,11 +273,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                                 "profile", "detect_models") if getattr(args, k) is not None}
     settings = {"thresholds": thresholds, "catalog_fields": catalog, **spec_extra}
     quiet = lambda *_: None  # noqa: E731 - the job's progress lines would bury the report
+    if args.rescore and not sweep:
+        raise SpecError("--rescore sweeps an earlier sweep's detections again: give --sweep CLASS too")
     if sweep:
         if args.half or args.augment or classes:
             raise SpecError("--sweep uses both halves of one class: leave out --half, --augment and --classes")
         result = evaluate_sweep(args.set_dir, sweep, args.floor, _floats(args.grid) if args.grid else None,
-                                args.target, args.target_all, output=args.json, log=quiet, **settings)
+                                args.target, args.target_all, output=args.json, log=quiet, rescore=args.rescore,
+                                **settings)
         print(f"set {result['set']}: {header(result)}")
         print(format_sweep(result["sweep"]))
     elif args.augment:
@@ -365,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
          help="with --sweep: recall to reach on boxes >= 20 px (default 0.95)")
     _opt(ev, "--target-all", type=float, default=0.75,
          help="with --sweep: all-sizes recall the < 20 px threshold keeps (default 0.75)")
+    _opt(ev, "--rescore", metavar="JSON",
+         help="with --sweep: sweep the detections of an earlier --sweep --json report again (other --grid, "
+              "--target, --target-all) instead of running the pipeline")
     _opt(ev, "--augment", type=_augmentations, metavar="LIST",
          help="also score degraded copies (temp folder), e.g. blur,motion,dark,jpeg30,down50: recall drop vs clean")
     ev.set_defaults(func=cmd_eval)

