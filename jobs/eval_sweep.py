@@ -3,11 +3,12 @@
 The job runs once with the class kept down to a low floor (`--floor`, default 0.02); every
 threshold of the grid is then applied offline to those detections (jobs/eval_scoring.py), so a
 sweep costs one run. Offline equals a run at that threshold where detections merge by NMS (greedy
-NMS keeps the same boxes above any threshold). Where passes or models are averaged (`mean`, e.g.
-the default face ensemble) a pass that scored under the threshold is decoded at the floor and
-adds its share to the mean, so offline scores can be slightly higher: confirm a choice with a
-plain `veil eval --face-threshold ...` run. A profile member's own `min_score` (e.g. the plate
-members' 0.1 and 0.5) still cuts before fusion: the floor does not reach under it.
+NMS keeps the same boxes above any threshold). Where members are averaged (`fusion: mean`, e.g.
+the balanced profile's faces) each member is decoded down to floor / n instead of threshold / n,
+so a weak member adds its share to the mean and offline scores can be slightly higher: confirm
+a choice with a plain run of a profile holding it (`veil eval --models FILE --profile NAME`).
+A profile member's own `min_score` (e.g. the plate members' 0.1 and 0.5) still cuts before
+fusion: the floor does not reach under it.
 
 The rule (`choose_thresholds`), on half A only, for a size-aware pair in the profiles' format
 `[{"below": 20, "score": SMALL}, {"score": LARGE}]` (detection's longer side):
