@@ -241,14 +241,26 @@ def _floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v]
 
 
+def _augmentations(text: str) -> list[str]:
+    from jobs.eval_augment import parse_augmentations
+
+    try:
+        return parse_augmentations(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    """`veil eval SET_DIR`: the pipeline in detect mode over a labelled set, scored."""
-    from jobs.evaluate import evaluate, format_report, override_catalog
+    """`veil eval SET_DIR`: the pipeline in detect mode over a labelled set, scored (halves A/B,
+    coverage); `--sweep CLASS` picks thresholds on half A; `--augment` scores degraded copies."""
+    from jobs.eval_sweep import format_sweep
+    from jobs.evaluate import evaluate, evaluate_augmented, evaluate_sweep, format_report, header, override_catalog
 
     classes = [c.replace("-", "_") for c in args.classes.split(",")] if args.classes else None
     thresholds = {c: getattr(args, f"{c}_threshold") for c in ("face", "license_plate", "person", "vehicle")
                   if getattr(args, f"{c}_threshold") is not None}
-    set_classes = classes or ["face", "license_plate", "person", "vehicle"]
+    sweep = args.sweep.replace("-", "_") if args.sweep else None
+    set_classes = [sweep] if sweep else classes or ["face", "license_plate", "person", "vehicle"]
     catalog = override_catalog(
         set_classes,
         models=args.detect_models.split(",") if args.detect_models else None,
@@ -256,10 +268,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
         combine=args.combine, tiling=args.tiling, vehicle_crops=args.vehicle_crops, extra=args.models,
         ensemble=args.ensemble,
     )
+    # job spec fields passed through as they are (a new JobSpec option here is one more name)
     spec_extra = {k: getattr(args, k) for k in ("det_max_side", "batch_size", "detect_actors", "device", "cpu_backend",
                                                 "profile", "detect_models") if getattr(args, k) is not None}
-    result = evaluate(args.set_dir, classes, thresholds, catalog, args.json, log=lambda *_: None, **spec_extra)
-    print(format_report(result))
+    settings = {"thresholds": thresholds, "catalog_fields": catalog, **spec_extra}
+    quiet = lambda *_: None  # noqa: E731 - the job's progress lines would bury the report
+    if args.rescore and not sweep:
+        raise SpecError("--rescore sweeps an earlier sweep's detections again: give --sweep CLASS too")
+    if sweep:
+        if args.half or args.augment or classes:
+            raise SpecError("--sweep uses both halves of one class: leave out --half, --augment and --classes")
+        result = evaluate_sweep(args.set_dir, sweep, args.floor, _floats(args.grid) if args.grid else None,
+                                args.target, args.target_all, output=args.json, log=quiet, rescore=args.rescore,
+                                **settings)
+        print(f"set {result['set']}: {header(result)}")
+        print(format_sweep(result["sweep"]))
+    elif args.augment:
+        result = evaluate_augmented(args.set_dir, args.augment, classes, args.json, log=quiet, half=args.half,
+                                    **settings)
+        print(format_report(result))
+    else:
+        result = evaluate(args.set_dir, classes, output=args.json, log=quiet, half=args.half, **settings)
+        print(format_report(result))
     if args.json:
         print(f"written: {args.json}")
     return 0
@@ -327,6 +357,22 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(ev, "--device", choices=["auto", "cpu", "cuda"], help="where detection runs")
     _opt(ev, "--cpu-backend", choices=list(CPU_BACKENDS), help=CPU_BACKEND_HELP)
     _opt(ev, "--json", help="write the figures to this JSON file")
+    _opt(ev, "--half", choices=["A", "B"],
+         help="score one half only (images sorted by file name: A = even positions, B = odd)")
+    _opt(ev, "--sweep", choices=["face", "license-plate", "person", "vehicle"],
+         help="one run at --floor, then recall/precision/coverage per threshold on halves A and B, and "
+              "size-aware thresholds chosen on A by a rule (--target, --target-all), reported on B")
+    _opt(ev, "--floor", type=float, default=0.02, help="with --sweep: the score the run keeps down to (default 0.02)")
+    _opt(ev, "--grid", help="with --sweep: comma-separated thresholds (default 0.02,0.03,0.05,...,0.7)")
+    _opt(ev, "--target", type=float, default=0.95,
+         help="with --sweep: recall to reach on boxes >= 20 px (default 0.95)")
+    _opt(ev, "--target-all", type=float, default=0.75,
+         help="with --sweep: all-sizes recall the < 20 px threshold keeps (default 0.75)")
+    _opt(ev, "--rescore", metavar="JSON",
+         help="with --sweep: sweep the detections of an earlier --sweep --json report again (other --grid, "
+              "--target, --target-all) instead of running the pipeline")
+    _opt(ev, "--augment", type=_augmentations, metavar="LIST",
+         help="also score degraded copies (temp folder), e.g. blur,motion,dark,jpeg30,down50: recall drop vs clean")
     ev.set_defaults(func=cmd_eval)
     from jobs.cli_lifecycle import add_lifecycle_commands
     from jobs.submit import add_submit_commands
