@@ -19,6 +19,7 @@ from jobs.report import JobReport, Totals, now_iso, try_load_report
 from jobs.spec import JobSpec, SpecError
 from jobs.webhook import post_report
 from models.fetch import prepared_weights
+from operators.archive_tools import RAR_SUFFIXES, RAR_TOOL_HINT, rar_tool_missing
 from operators.budget import Billing
 from operators.manifest import read_table
 from operators.repack import members_by_archive
@@ -46,6 +47,9 @@ def run_job(
     if earlier and earlier.get("status") == "deleted":
         raise SpecError(f"job-id: job {spec.job_id} was deleted; choose a new --job-id")
     sources = list_sources(spec.inputs, spec.storage_options)
+    if any(s["kind"] == "archive" and s["rel_path"].lower().endswith(RAR_SUFFIXES) for s in sources) \
+            and rar_tool_missing():  # said up front; each compressed member then fails with the same hint
+        log(f"warning: {RAR_TOOL_HINT}")
 
     report = JobReport(job_root, spec.public_dict(), spec.storage_options, earlier=earlier)
     report.doc.update(classes=classes, models={n: e.source.model_dump(exclude_none=True) for n, e in models.items()})

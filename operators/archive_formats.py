@@ -22,6 +22,8 @@ import py7zr.exceptions
 import py7zr.io
 import rarfile
 
+from operators.archive_tools import RAR_TOOL_HINT
+
 CHUNK = 1 << 20
 TOOL_TIMEOUT_S = 120  # one RAR member through unar; a killed tool makes the member ARCHIVE_ERROR
 
@@ -360,6 +362,8 @@ class RarArchive:
                     timer.cancel()
         except (rarfile.RarWrongPassword, rarfile.PasswordRequired) as exc:
             raise Encrypted(str(exc)) from None
+        except rarfile.RarCannotExec:
+            raise RuntimeError(RAR_TOOL_HINT) from None
 
     def iter_block(self, names: list[str], limit: int) -> Iterator[tuple[str, bytes | Exception]]:
         # The tool re-reads a solid archive from its start for each member: CPU grows with the
