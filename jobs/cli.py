@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from jobs.cli_help import sectioned
 from jobs.job_store import JobBusy, JobNotFound
 from jobs.pricing import PricingError
 from jobs.spec import CPU_BACKEND_HELP, CPU_BACKENDS, SpecError, build_spec
@@ -260,11 +261,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="veil", description="Anonymize street-level imagery at scale.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="anonymize INPUT... into OUTPUT/JOB_ID/")
+    run = sub.add_parser("run", help="anonymize INPUT... into OUTPUT/JOB_ID/",
+                         usage="veil run INPUT... OUTPUT [options]",
+                         description="Anonymize INPUT... into OUTPUT/JOB_ID/ (images, manifest, job.json).",
+                         epilog="Every --a-b option may be written --a_b. Options can also come from --spec FILE.")
     run.add_argument("paths", nargs="+", metavar="INPUT... OUTPUT",
                      help="files, folders, globs or fsspec URLs, then the output folder/URL")
     _add_job_options(run)
     _add_run_controls(run)
+    sectioned(run)  # the help in sections, with units and JobSpec's defaults
     run.set_defaults(func=cmd_run)
 
     bench = sub.add_parser("bench", help="throughput: pipeline vs bare loop vs codec floor vs deface, one run")

@@ -104,3 +104,32 @@ def test_a_compressed_rar_without_its_tools_names_the_package(tmp_path, shared_d
     for row in rows:
         assert (row["status"], row["failure_cause"]) == ("failed", "ARCHIVE_ERROR")
         assert "apt-get install unar" in row["error"] and "apt-get install libarchive-tools" in row["error"]
+
+
+def test_run_help_is_in_sections_with_units_and_defaults(capsys):
+    from jobs.cli import build_parser
+    from jobs.cli_help import GROUPS, _default_text
+    from jobs.spec import JobSpec
+
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["run", "--help"])
+    text = capsys.readouterr().out
+    assert text.startswith("usage: veil run INPUT... OUTPUT [options]\n")
+    positions = [text.index(f"\n{title}:\n") for title in GROUPS]
+    assert positions == sorted(positions)  # classes, anonymization, outputs, models, archives, jobs and billing
+    run = parser._subparsers._group_actions[0].choices["run"]
+    grouped = {a.dest: g.title for g in run._action_groups for a in g._group_actions}
+    options = [a for a in run._actions if a.option_strings and a.dest != "help"]
+    assert len(options) >= 50
+    assert [a.dest for a in options if grouped[a.dest] not in GROUPS] == []  # every option has its section
+    for a in options:
+        default = _default_text(a.dest)
+        if default is not None:  # the default JobSpec really applies, in the help
+            assert "default" in a.help and default in a.help, (a.dest, a.help)
+        if a.nargs != 0 and a.choices is None:
+            assert a.metavar and a.metavar != a.dest.upper(), a.dest  # a unit or a kind, not FACE_THRESHOLD
+    assert "--face-threshold 0..1" in text and "--det-max-side PX" in text and "--max-member-bytes BYTES" in text
+    assert "--face_threshold" not in text  # one spelling shown, both accepted
+    ns = parser.parse_args(["run", "a", "b", "--face_threshold", "0.3", "--max-member-bytes", "10"])
+    assert ns.face_threshold == 0.3 and JobSpec.model_fields["face_threshold"].default == 0.15
