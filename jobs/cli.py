@@ -145,6 +145,7 @@ def spec_fields(args: argparse.Namespace, inputs: list[str], output: str) -> dic
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from jobs.progress import quiet_ray
     from jobs.run import run_job
 
     if len(args.paths) < 2:
@@ -152,9 +153,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     spec = build_spec(spec_fields(args, args.paths[:-1], args.paths[-1]))
     print(f"job id: {spec.job_id}")
-    with cancel_on_sigterm():
+    with cancel_on_sigterm(), quiet_ray():
         doc = run_job(spec, approve=args.approve, auto_approve_below=args.auto_approve_below,
-                      retry_failed=args.retry_failed)
+                      retry_failed=args.retry_failed, bar=None)
     return print_outcome(doc)
 
 
