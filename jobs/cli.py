@@ -203,8 +203,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from jobs.demo import run_demo
+    from jobs.progress import quiet_ray
 
-    return run_demo(args.output)
+    with quiet_ray():
+        return run_demo(args.output)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
