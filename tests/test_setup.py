@@ -3,6 +3,7 @@ says when a tool it needs at run time is missing."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import shutil
@@ -23,7 +24,8 @@ RAR_TOOLS = ("unar", "lsar", "unrar", "bsdtar", "7z", "7za", "7zr")
 def path_without(commands: tuple[str, ...] | list[str]) -> str:
     """A PATH with every command of this one but `commands`: a folder of links, readable by anyone (the
     archive tools cannot be uninstalled from a shared machine, so they are hidden instead)."""
-    folder = Path(tempfile.mkdtemp(prefix="veil-path-"))
+    folder = Path(tempfile.mkdtemp(prefix="veil-path-"))  # not tmp_path: other users must reach it
+    atexit.register(shutil.rmtree, folder, True)
     folder.chmod(0o755)
     for d in os.environ["PATH"].split(os.pathsep):
         if not os.path.isdir(d):
