@@ -54,6 +54,9 @@ def connect(root: str, storage_options: dict | None = None) -> duckdb.DuckDBPyCo
     fs, path = filesystem(root, storage_options)
     path = path.rstrip("/")
     prefix = path if fs.exists(f"{path}/job.json") or fs.exists(f"{path}/manifest") else f"{path}/*"
+    if not fs.glob(f"{prefix}/job.json") and not fs.glob(f"{prefix}/manifest/images/*.parquet"):
+        raise FileNotFoundError(f"no manifest under {root} (neither */job.json nor */manifest/images/*.parquet); "
+                                "set VEIL_OUTPUT_ROOT to a veil OUTPUT folder or one job's folder")
     con = duckdb.connect()
     if not is_local(root):
         con.register_filesystem(fs)  # DuckDB reads s3://... through s3fs, with the job's options

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from jobs.cli_help import sectioned
 from jobs.job_store import JobBusy, JobNotFound
 from jobs.pricing import PricingError
 from jobs.spec import CPU_BACKEND_HELP, CPU_BACKENDS, SpecError, build_spec
@@ -149,6 +150,7 @@ def spec_fields(args: argparse.Namespace, inputs: list[str], output: str) -> dic
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from jobs.progress import quiet_ray
     from jobs.run import run_job
 
     if len(args.paths) < 2:
@@ -156,9 +158,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     spec = build_spec(spec_fields(args, args.paths[:-1], args.paths[-1]))
     print(f"job id: {spec.job_id}")
-    with cancel_on_sigterm():
+    with cancel_on_sigterm(), quiet_ray():
         doc = run_job(spec, approve=args.approve, auto_approve_below=args.auto_approve_below,
-                      retry_failed=args.retry_failed)
+                      retry_failed=args.retry_failed, bar=None)
     return print_outcome(doc)
 
 
@@ -206,8 +208,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from jobs.demo import run_demo
+    from jobs.progress import quiet_ray
 
-    return run_demo(args.output)
+    with quiet_ray():
+        return run_demo(args.output)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -299,11 +303,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="veil", description="Anonymize street-level imagery at scale.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="anonymize INPUT... into OUTPUT/JOB_ID/")
+    run = sub.add_parser("run", help="anonymize INPUT... into OUTPUT/JOB_ID/",
+                         usage="veil run INPUT... OUTPUT [options]",
+                         description="Anonymize INPUT... into OUTPUT/JOB_ID/ (images, manifest, job.json).",
+                         epilog="Every --a-b option may be written --a_b. Options can also come from --spec FILE.")
     run.add_argument("paths", nargs="+", metavar="INPUT... OUTPUT",
                      help="files, folders, globs or fsspec URLs, then the output folder/URL")
     _add_job_options(run)
     _add_run_controls(run)
+    sectioned(run)  # the help in sections, with units and JobSpec's defaults
     run.set_defaults(func=cmd_run)
 
     bench = sub.add_parser("bench", help="throughput: pipeline vs bare loop vs codec floor vs deface, one run")

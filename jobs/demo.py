@@ -39,7 +39,7 @@ def run_demo(output: str | None = None) -> int:
     out = Path(output) if output else base / "output"
     print(f"veil demo: {len(samples)} sample photos in {base / 'input'}")
     # a new job id each time: the same id would resume the last demo and find nothing left to do
-    doc = run_job(build_spec({"inputs": [str(base / "input")], "output": str(out)}))
+    doc = run_job(build_spec({"inputs": [str(base / "input")], "output": str(out)}), bar=None)
     print(summary_text(doc))
     print(f"anonymized images: {doc['outputs']['images']}")
     return 0 if doc["status"] == "done" else 1

@@ -132,12 +132,14 @@ class JobReport:
         self.doc.update(status=status, description=description, **fields)
         self.save()
 
-    def progress(self, totals: Totals, expected: int, started: float, note: str = "") -> bool:
-        """Totals into job.json, at most every `interval` s; True when it was written."""
+    def progress(self, totals: Totals, expected: int | None, started: float, note: str = "") -> bool:
+        """Totals into job.json, at most every `interval` s; True when it was written. `expected`: the
+        job's item count, archive members included (None while they are being listed)."""
         if time.monotonic() - self._last < self.interval:
             return False
         self.doc["totals"] = totals.as_dict()
-        self.doc["description"] = f"{totals.items} of {expected} items" + note
+        of = f" of {expected}" if expected is not None else ""
+        self.doc["description"] = f"{totals.items}{of} items" + note
         self.doc["throughput_img_s"] = round(totals.items / max(time.monotonic() - started, 1e-9), 3)
         self.save()
         return True

@@ -14,11 +14,13 @@ import time
 
 from jobs.pipeline import RemoteLedger, archive_options, build_dataset, plan_resources, ray_session, repack_archives
 from jobs.pricing import Pricing, load_pricing
+from jobs.progress import JobProgress
 from jobs.quote import quote_items
 from jobs.report import JobReport, Totals, now_iso, try_load_report
 from jobs.spec import JobSpec, SpecError
 from jobs.webhook import post_report
 from models.fetch import prepared_weights
+from operators.archive_tools import RAR_SUFFIXES, RAR_TOOL_HINT, rar_tool_missing
 from operators.budget import Billing
 from operators.manifest import read_table
 from operators.repack import members_by_archive
@@ -33,11 +35,14 @@ def run_job(
     approve: bool = False,
     auto_approve_below: float | None = None,
     retry_failed: bool = False,
+    bar: bool | None = False,
 ) -> dict:
     """Run (or resume) the job; returns the final job report (the content of job.json).
 
     A job quoted at or over the auto-approve limit (`auto_approve_below`, else the pricing
-    table's) is not run without `approve`: it is left `awaiting_approval` with its quote."""
+    table's) is not run without `approve`: it is left `awaiting_approval` with its quote.
+    Progress: a bar on stdout with `bar` (None: when stdout is a terminal), else a line through `log`
+    every 10 s."""
     classes, models = spec.resolve_models()
     pricing = load_pricing(spec.pricing)
     check_output_outside_inputs(spec.inputs, spec.output, spec.storage_options)
@@ -46,6 +51,9 @@ def run_job(
     if earlier and earlier.get("status") == "deleted":
         raise SpecError(f"job-id: job {spec.job_id} was deleted; choose a new --job-id")
     sources = list_sources(spec.inputs, spec.storage_options)
+    if any(s["kind"] == "archive" and s["rel_path"].lower().endswith(RAR_SUFFIXES) for s in sources) \
+            and rar_tool_missing():  # said up front; each compressed member then fails with the same hint
+        log(f"warning: {RAR_TOOL_HINT}")
 
     report = JobReport(job_root, spec.public_dict(), spec.storage_options, earlier=earlier)
     report.doc.update(classes=classes, models={n: e.source.model_dump(exclude_none=True) for n, e in models.items()})
@@ -77,13 +85,18 @@ def run_job(
             report.doc["resources"] = res.__dict__
             ledger = RemoteLedger(spec.max_credits, resume.charged) if spec.max_credits is not None else None
             billing = Billing(pricing, classes, ledger)
-            report.set("processing", f"0 of {len(todo)} items{note}", started_at=started_at)
+            report.set("processing", f"0 items done{note}", started_at=started_at)
             if todo:
-                ds = build_dataset(spec, todo, classes, models, weights, job_root, res, billing, resume.finished)
-                for stats in ds.iter_batches(batch_size=256, batch_format="numpy"):
-                    run_totals.add(stats)
-                    if report.progress(run_totals, len(todo), started, note):
-                        log(f"  {report.doc['description']}, {report.doc['throughput_img_s']:g} img/s")
+                # counted in items (archive members included), not files
+                progress = JobProgress(todo, archive_options(spec), resume.finished, bar=bar, log=log)
+                try:
+                    ds = build_dataset(spec, todo, classes, models, weights, job_root, res, billing, resume.finished)
+                    for stats in ds.iter_batches(batch_size=None, batch_format="numpy"):  # rows as written
+                        run_totals.add(stats)
+                        progress.update(run_totals)
+                        report.progress(run_totals, progress.total, started, note)
+                finally:
+                    progress.close()
             if spec.repack == "zip":
                 report.doc["repack"] = repack(spec, sources, job_root)
     except BaseException as exc:

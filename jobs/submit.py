@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+from jobs.ray_client import retry_no_agent
 from jobs.report import load_report, now_iso
 from jobs.spec import SpecError, build_spec, new_job_id
 from operators.storage import is_local, join, write_atomic
@@ -51,9 +52,9 @@ def submission_id(job_id: str) -> str:
 
 
 def _client(address: str | None):
-    from ray.job_submission import JobSubmissionClient
+    from jobs.ray_client import job_client
 
-    return JobSubmissionClient(address)
+    return job_client(address)  # with the local token when the cluster uses token authentication
 
 
 # --- what travels with the job ---------------------------------------------------------------------
@@ -176,12 +177,13 @@ def submit(address: str | None, command: list[str], job_id: str | None = None, p
         if wait > 0:
             time.sleep(min(wait, REUSE_AFTER_S))
         client.delete_job(sid)  # Ray refuses a submission id twice; the job's output stays as it is
-    client.submit_job(
+    env = runtime_env(pip, pip_extra, env_vars)
+    retry_no_agent(lambda: client.submit_job(  # a head's first seconds: no job agent yet
         entrypoint=entrypoint(run_args),
         submission_id=sid,
-        runtime_env=runtime_env(pip, pip_extra, env_vars),
+        runtime_env=env,
         metadata={"veil_job_id": job_id, "veil_output": output},
-    )
+    ))
     return job_id
 
 

@@ -22,6 +22,8 @@ import py7zr.exceptions
 import py7zr.io
 import rarfile
 
+from operators.archive_tools import RAR_TOOL_HINT
+
 CHUNK = 1 << 20
 AES_METHOD = 99  # WinZip AES: the "compression method" of an AES-encrypted zip member
 TOOL_TIMEOUT_S = 120  # one RAR member through unar; a killed tool makes the member ARCHIVE_ERROR
@@ -390,6 +392,8 @@ class RarArchive:
                     timer.cancel()
         except (rarfile.RarWrongPassword, rarfile.PasswordRequired) as exc:
             raise Encrypted(str(exc)) from None
+        except rarfile.RarCannotExec:
+            raise RuntimeError(RAR_TOOL_HINT) from None
 
     def iter_block(self, names: list[str], limit: int) -> Iterator[tuple[str, bytes | Exception]]:
         # The tool re-reads a solid archive from its start for each member: CPU grows with the

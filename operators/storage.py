@@ -49,6 +49,21 @@ def read_bytes(url: str, storage_options: dict | None = None) -> bytes:
     return fs.cat_file(path)
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it (os.umask can only be read by setting it, which
+    races with other threads creating files); /proc on Linux, the set-and-restore elsewhere."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(url: str, data: bytes, storage_options: dict | None = None) -> None:
     """Write so that a reader never sees a half-written file: temp name + rename on local disks,
     a single PUT on object stores (an object appears whole or not at all)."""
@@ -57,6 +72,7 @@ def write_atomic(url: str, data: bytes, storage_options: dict | None = None) -> 
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".veil-", suffix=".part")
         try:
+            os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; outputs are for others to read
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.replace(tmp, path)

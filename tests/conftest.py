@@ -13,6 +13,8 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -127,6 +129,34 @@ def ray_head():
     `ray stop` is never used: it would stop every Ray on the machine. It inherits this process's
     environment: a test that needs the S3 credentials in its jobs requests `s3_endpoint` too (a
     session fixture, so it is set up first)."""
+    # A test cluster on loopback: no token auth (the client here would need RAY_AUTH_MODE=token).
+    with running_ray_head({"RAY_AUTH_MODE": "disabled"}) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def ray_token_head(tmp_path_factory):
+    """A head as `ray start --head` makes one after any local `veil run`: a token in ~/.ray/auth_token
+    and RAY_AUTH_MODE unset, so token authentication is on. HOME is a temp folder (the real
+    ~/.ray/auth_token is left alone); yields (dashboard URL, that HOME)."""
+    import secrets
+
+    home = tmp_path_factory.mktemp("home")
+    (home / ".ray").mkdir()
+    (home / ".ray" / "auth_token").write_text(secrets.token_hex(32))
+    from models.fetch import cache_dir
+
+    env = {"HOME": str(home), "VEIL_MODEL_CACHE": str(cache_dir()),
+           **{k: None for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}}
+    # no ready check on /api/version: it answers 401 without a token; a submission follows at once
+    with running_ray_head(env, ready_path="/api/authentication_mode") as url:
+        yield url, home
+
+
+@contextmanager
+def running_ray_head(env_changes: dict[str, str | None], ready_path: str = "/api/version") -> Iterator[str]:
+    """`ray start --head --block` on free loopback ports, with this process's environment changed by
+    `env_changes` (None removes a variable); yields the dashboard's URL once `ready_path` answers."""
     address_file = _default_address_file()
     saved = address_file.read_text() if address_file.exists() else None
     temp = tempfile.mkdtemp(prefix="veilray-", dir="/tmp")  # short: Ray's unix sockets live under it
@@ -139,9 +169,9 @@ def ray_head():
            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
            "--num-cpus=2", "--num-gpus=0", "--object-store-memory=400000000", f"--temp-dir={temp}",
            "--disable-usage-stats", *[f"--{k}={v}" for k, v in ports.items()]]
-    # A test cluster on loopback: no token auth (the client here would need RAY_AUTH_MODE=token).
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env |= {"RAY_AUTH_MODE": "disabled", "PATH": bin_dir + os.pathsep + env.get("PATH", "")}
+    env |= {"PATH": bin_dir + os.pathsep + env.get("PATH", ""), **env_changes}
+    env = {k: v for k, v in env.items() if v is not None}
     log = open(Path(temp) / "start.log", "w")  # open for the head's lifetime, closed in teardown
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
@@ -149,7 +179,7 @@ def ray_head():
         deadline = time.monotonic() + 120
         while True:
             try:
-                urllib.request.urlopen(url + "/api/version", timeout=2).read()
+                urllib.request.urlopen(url + ready_path, timeout=2).read()
                 break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:

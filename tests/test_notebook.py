@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
 
 from jobs import analytics
 from jobs.run import run_job
@@ -103,6 +104,20 @@ def test_notebook_runs_over_real_manifest(output_root):
     assert "CONTENT_TYPE_ERROR" in _text(cells["failures"])
     for tag in ("jobs", "classes", "prefixes", "scores", "area", "failures", "throughput"):
         assert any("image/png" in o.get("data", {}) for o in cells[tag].outputs), tag
+
+
+def test_notebook_without_an_output_root_says_what_to_set(tmp_path):
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    saved = os.environ.get("VEIL_OUTPUT_ROOT")
+    os.environ["VEIL_OUTPUT_ROOT"] = str(tmp_path / "nothing-here")
+    try:
+        with pytest.raises(CellExecutionError) as failed:
+            NotebookClient(nb, timeout=180, kernel_name="python3",
+                           resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+    finally:
+        os.environ.pop("VEIL_OUTPUT_ROOT") if saved is None else os.environ.__setitem__("VEIL_OUTPUT_ROOT", saved)
+    assert f"no manifest under {tmp_path / 'nothing-here'}" in str(failed.value)
+    assert "set VEIL_OUTPUT_ROOT" in str(failed.value) and "Resource" not in str(failed.value)
 
 
 def test_html_report(output_root, tmp_path):

@@ -68,6 +68,29 @@ def test_job_report_and_manifest_rows(finished_job):
     assert not (job_root / "images" / "corrupt.jpg").exists()
 
 
+def test_outputs_follow_the_umask(finished_job, tmp_path):
+    """Outputs go through a temp file (mkstemp: 0600) and a rename; they must still be readable by
+    others as the umask allows (0644 under 022), for a web server or a downstream job."""
+    import os
+    import stat
+
+    from operators.storage import current_umask, write_atomic
+
+    _, job_root, _, _, _ = finished_job
+    files = [p for p in job_root.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".parquet" for p in files) and any(p.name == "job.json" for p in files)
+    expected = 0o666 & ~current_umask()  # the session's umask, which the Ray workers inherited
+    assert {str(p.relative_to(job_root)): oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {
+        str(p.relative_to(job_root)): oct(expected) for p in files}
+    for mask, mode in ((0o022, 0o644), (0o027, 0o640)):
+        previous = os.umask(mask)
+        try:
+            write_atomic(str(tmp_path / f"masks/binary/{mask:o}.png"), b"x")
+        finally:
+            os.umask(previous)
+        assert stat.S_IMODE((tmp_path / f"masks/binary/{mask:o}.png").stat().st_mode) == mode
+
+
 def test_faces_are_blurred_and_the_rest_untouched(finished_job):
     src, job_root, _, images, dets = finished_job
     checked = 0

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -95,3 +100,62 @@ def test_mark_cancelled_writes_a_minimal_report(tmp_path):
     doc = mark_cancelled(job_root, "never-started", "cancelled before it started")
     on_disk = json.loads((tmp_path / "out" / "never-started" / "job.json").read_text())
     assert on_disk == doc and doc["status"] == "cancelled" and doc["job_id"] == "never-started"
+
+
+def _veil(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`veil ARGS` in a new process, as from a new shell."""
+    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=400)
+
+
+def test_submit_status_cancel_to_a_fresh_head_with_token_auth(ray_token_head, photos, tmp_path):
+    """`ray start --head` where ~/.ray/auth_token exists turns token auth on; `veil submit --wait`, right
+    after the head answers (its job agent may not be up yet), works from a new shell with no RAY_*
+    variable: the client sends the local token because the cluster asks for one."""
+    url, home = ray_token_head
+    mode = json.loads(urllib.request.urlopen(url + "/api/authentication_mode", timeout=5).read())
+    assert mode["authentication_mode"] == "token"
+    with pytest.raises(urllib.error.HTTPError) as refused:  # the cluster really refuses a client without token
+        urllib.request.urlopen(url + "/api/version", timeout=5)
+    assert refused.value.code == 401
+    src, _ = photos("faces", 1, folder="tok-in")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"HOME": str(home)}
+    env["VEIL_MODEL_CACHE"] = os.environ.get("VEIL_MODEL_CACHE") or str(Path.home() / ".cache/veil/models")
+    out = tmp_path / "out"
+    r = _veil(["submit", "--address", url, "--wait", "--job-id", "tok1", "--", "run", str(src), str(out),
+               "--face", "--detect-models", "centerface"], env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "job tok1: done" in r.stdout and json.loads((out / "tok1/job.json").read_text())["status"] == "done"
+    r = _veil(["status", "tok1", "--output", str(out), "--address", url], env)
+    assert r.returncode == 0 and "ray job veil-tok1: SUCCEEDED" in r.stdout, r.stdout + r.stderr
+    r = _veil(["cancel", "tok1", "--address", url], env)
+    assert r.returncode == 1 and "already ended: SUCCEEDED" in r.stderr, r.stderr
+
+    # no token here, or another cluster's: said in one line, which names where tokens are looked for
+    r = _veil(["cancel", "tok1", "--address", url], env | {"HOME": str(tmp_path)})
+    assert r.returncode == 1 and "no token was found here: set RAY_AUTH_TOKEN" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    r = _veil(["cancel", "tok1", "--address", url], env | {"RAY_AUTH_TOKEN": "0" * 64})
+    assert r.returncode == 1 and "not this cluster's token" in r.stderr, r.stderr
+
+
+def test_a_head_without_a_job_agent_yet_is_retried(capsys):
+    """Ray's answer while a new head starts its job agent (HTTP 500, RuntimeError in the SDK)."""
+    from jobs.ray_client import retry_no_agent
+
+    answers = iter([RuntimeError("Request failed with status code 500: No available agent to submit job, "
+                                 "please try again later.."), RuntimeError("Request failed: No available agent"),
+                    "submitted"])
+
+    def call():
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    started = time.monotonic()
+    assert retry_no_agent(call, limit_s=10) == "submitted"
+    assert 2.9 <= time.monotonic() - started < 6  # 1 s, then 2 s
+    assert capsys.readouterr().err.count("no job agent yet") == 2
+    with pytest.raises(RuntimeError, match="status code 400"):  # anything else is not retried
+        retry_no_agent(lambda: (_ for _ in ()).throw(RuntimeError("status code 400")), limit_s=10)
