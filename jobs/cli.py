@@ -132,7 +132,13 @@ def spec_fields(args: argparse.Namespace, inputs: list[str], output: str) -> dic
     """Spec fields from a spec file (if any) overridden by the flags that were given."""
     fields: dict = {}
     if getattr(args, "spec", None):
-        fields.update(yaml.safe_load(args.spec.read_text()) or {})
+        try:
+            loaded = yaml.safe_load(args.spec.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise SpecError(f"spec: cannot read {args.spec}: {getattr(exc, 'strerror', None) or exc}") from None
+        if not isinstance(loaded, (dict, type(None))):
+            raise SpecError(f"spec: {args.spec} must hold a mapping of options (YAML or JSON)")
+        fields.update(loaded or {})
     fields.update(inputs=inputs, output=output)
     skip = {"command", "spec", "paths", "inputs", "storage_option", "func", "output", "json", *RUN_CONTROLS}
     for key, value in vars(args).items():

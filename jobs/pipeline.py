@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import psutil
 import ray
 
-from jobs.spec import JobSpec
+from jobs.spec import JobSpec, SpecError
 from models.catalog import ModelEntry
 from models.runtime import backend_for
 from operators.archives import ArchiveOptions, expand_rows
@@ -154,6 +154,11 @@ def plan_resources(spec: JobSpec, weights_bytes: int = 0, batches: int | None = 
     total = ray.cluster_resources()
     cpus, gpus = int(total.get("CPU", 1)), int(total.get("GPU", 0))
     device = spec.device if spec.device != "auto" else ("cuda" if gpus else "cpu")
+    # Without a GPU the detection actors would wait for one forever; only a remote cluster whose
+    # GPU nodes autoscale from zero (then --detect-actors says how many) may get one later.
+    if device == "cuda" and not gpus and not (os.environ.get("RAY_ADDRESS") and spec.detect_actors):
+        raise SpecError("device: cuda, but this Ray cluster has no GPU; use --device cpu or auto (on a cluster "
+                        "whose GPU nodes autoscale from zero, give --detect-actors too)")
     backend = backend_for(device, spec.cpu_backend)
     memory = actor_memory(backend, weights_bytes)
     if device == "cuda":

@@ -12,7 +12,15 @@ from __future__ import annotations
 
 import time
 
-from jobs.pipeline import RemoteLedger, archive_options, build_dataset, plan_resources, ray_session, repack_archives
+from jobs.pipeline import (
+    RemoteLedger,
+    archive_options,
+    archive_password,
+    build_dataset,
+    plan_resources,
+    ray_session,
+    repack_archives,
+)
 from jobs.pricing import Pricing, load_pricing
 from jobs.quote import quote_items
 from jobs.report import JobReport, Totals, now_iso, try_load_report
@@ -38,6 +46,7 @@ def run_job(
 
     A job quoted at or over the auto-approve limit (`auto_approve_below`, else the pricing
     table's) is not run without `approve`: it is left `awaiting_approval` with its quote."""
+    check_run_options(spec, auto_approve_below)
     classes, models = spec.resolve_models()
     pricing = load_pricing(spec.pricing)
     check_output_outside_inputs(spec.inputs, spec.output, spec.storage_options)
@@ -100,6 +109,17 @@ def run_job(
     finish(report, spec, pricing, run_totals, time.monotonic() - started, started_at)
     notify(report, spec, log)
     return report.doc
+
+
+def check_run_options(spec: JobSpec, auto_approve_below: float | None) -> None:
+    """What the spec alone cannot check, refused before anything starts (SpecError names the option)."""
+    if auto_approve_below is not None and not auto_approve_below >= 0:  # `not >=`: NaN too
+        raise SpecError(f"auto-approve-below: must be a number of credits >= 0 (got {auto_approve_below:g})")
+    try:
+        archive_password(spec)  # read again on the driver when the job starts; here it must exist
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise SpecError(f"archive-password-file: cannot read {spec.archive_password_file}: {reason}") from None
 
 
 def finish(report: JobReport, spec: JobSpec, pricing: Pricing, run: Totals, wall: float, started_at: str) -> None:

@@ -13,6 +13,7 @@ import secrets
 from datetime import datetime, timezone
 from typing import Annotated, Literal, get_args
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from models.catalog import ModelEntry, classes_with_models, default_models, load_catalog, vehicle_helper
@@ -143,6 +144,14 @@ class JobSpec(BaseModel):
             raise ValueError("must be an http:// or https:// URL")
         return v
 
+    @field_validator("web_auth_header_value")
+    @classmethod
+    def _header_value(cls, v: str | None) -> str | None:
+        # CR/LF would end the header (urllib refuses it only when the job posts, after all the work)
+        if v is not None and any(c in v for c in "\r\n\0"):
+            raise ValueError("must not contain CR, LF or NUL characters")
+        return v
+
     @field_validator("format", mode="before")
     @classmethod
     def _format(cls, v: object) -> object:
@@ -229,7 +238,11 @@ class JobSpec(BaseModel):
     def resolve_models(self) -> tuple[list[str], dict[str, ModelEntry]]:
         """(classes, models to load). Refuses a class asked for by flag that no model serves;
         drops such a class silently only from the implicit default set."""
-        catalog = load_catalog(self.models)
+        try:
+            catalog = load_catalog(self.models)
+        except (OSError, ValueError, yaml.YAMLError) as exc:  # a missing or malformed --models file
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+            raise SpecError(f"models: cannot use {self.models}: {reason}") from None
         served = classes_with_models(catalog)
         classes = self.requested_classes()
         explicit = any(getattr(self, c) is not None for c in CLASSES)
@@ -279,11 +292,16 @@ def _tile_errors(exc: ValidationError) -> str:
     return "; ".join(lines) + " -- number: [nx, ny] tiles, 1..32 each; overlap: [ox, oy], a fraction 0..0.5 of a tile"
 
 
+SECRET_FIELDS = ("archive_password", "web_auth_header_value")  # never echoed in an error
+
+
 def _describe(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
         name = "-".join(str(p) for p in err["loc"]).replace("_", "-") or "spec"
-        got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+        shown = "input" in err and not isinstance(err["input"], dict) and not (
+            set(map(str, err["loc"])) & {*SECRET_FIELDS, *(f.replace("_", "-") for f in SECRET_FIELDS)})
+        got = f" (got {err['input']!r})" if shown else ""
         lines.append(f"{name}: {err['msg']}{got}")
     return "; ".join(lines)
 
