@@ -100,9 +100,12 @@ def _add_run_controls(p: argparse.ArgumentParser) -> None:
          help="jobs quoted at this many credits or more wait for approval (default: the pricing table's; "
               "none = always approve)")
     _opt(p, "--retry-failed", action="store_true", help="when resuming a job id, process its failed items again")
+    _opt(p, "--allow-spec-change", action="store_true",
+         help="resume a job id even with options that change what items become (thresholds, method, models...): "
+              "items finished earlier keep their results; without it such a resume is refused")
 
 
-RUN_CONTROLS = ("approve", "auto_approve_below", "retry_failed")
+RUN_CONTROLS = ("approve", "auto_approve_below", "retry_failed", "allow_spec_change")
 BENCH_JOB_OPTIONS = ("detect_models", "face_threshold", "license_plate_threshold", "person_threshold",
                      "vehicle_threshold", "cpu_backend", "det_max_side", "detect_actors")
 EXIT_AWAITING_APPROVAL = 3  # `veil run` stopped with a quote: not an error, not done either
@@ -159,7 +162,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"job id: {spec.job_id}")
     with cancel_on_sigterm():
         doc = run_job(spec, approve=args.approve, auto_approve_below=args.auto_approve_below,
-                      retry_failed=args.retry_failed)
+                      retry_failed=args.retry_failed, allow_spec_change=args.allow_spec_change)
     return print_outcome(doc)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 
+from jobs.lease import JobLease
 from jobs.pipeline import (
     RemoteLedger,
     archive_options,
@@ -24,7 +25,7 @@ from jobs.pipeline import (
 from jobs.pricing import Pricing, load_pricing
 from jobs.quote import quote_items
 from jobs.report import JobReport, Totals, now_iso, try_load_report
-from jobs.spec import JobSpec, SpecError
+from jobs.spec import JobSpec, SpecError, spec_changes
 from jobs.webhook import post_report
 from models.fetch import prepared_weights
 from operators.budget import Billing
@@ -41,19 +42,39 @@ def run_job(
     approve: bool = False,
     auto_approve_below: float | None = None,
     retry_failed: bool = False,
+    allow_spec_change: bool = False,
 ) -> dict:
     """Run (or resume) the job; returns the final job report (the content of job.json).
 
     A job quoted at or over the auto-approve limit (`auto_approve_below`, else the pricing
-    table's) is not run without `approve`: it is left `awaiting_approval` with its quote."""
+    table's) is not run without `approve`: it is left `awaiting_approval` with its quote.
+    One run of a job id at a time (jobs/lease.py: JobBusy otherwise); a resume whose options
+    would change what items become is refused unless `allow_spec_change`."""
     check_run_options(spec, auto_approve_below)
     classes, models = spec.resolve_models()
     pricing = load_pricing(spec.pricing)
     check_output_outside_inputs(spec.inputs, spec.output, spec.storage_options)
     job_root = join(spec.output, spec.job_id)
+    lease = JobLease(job_root, spec.storage_options).acquire(spec.job_id)
+    try:
+        return _run_leased(spec, log, approve, auto_approve_below, retry_failed, allow_spec_change, classes, models,
+                           pricing, job_root, lease)
+    finally:
+        lease.release()
+
+
+def _run_leased(spec: JobSpec, log, approve: bool, auto_approve_below: float | None, retry_failed: bool,
+                allow_spec_change: bool, classes: list[str], models: dict, pricing: Pricing, job_root: str,
+                lease: JobLease) -> dict:
     earlier = try_load_report(job_root, spec.storage_options)
     if earlier and earlier.get("status") == "deleted":
         raise SpecError(f"job-id: job {spec.job_id} was deleted; choose a new --job-id")
+    changed = spec_changes(earlier.get("spec") or {}, spec.public_dict()) if earlier and earlier.get("started_at") \
+        else []
+    if changed and not allow_spec_change:
+        raise SpecError(f"{', '.join(changed)}: differ from the earlier run of job {spec.job_id}, whose finished "
+                        f"items are kept: the job would mix two specs. Give the same options, a new --job-id, or "
+                        f"--allow-spec-change (finished items keep their results)")
     sources = list_sources(spec.inputs, spec.storage_options)
 
     report = JobReport(job_root, spec.public_dict(), spec.storage_options, earlier=earlier)
@@ -90,6 +111,8 @@ def run_job(
             if todo:
                 ds = build_dataset(spec, todo, classes, models, weights, job_root, res, billing, resume.finished)
                 for stats in ds.iter_batches(batch_size=256, batch_format="numpy"):
+                    if lease.lost.is_set():  # taken over as stale: another run owns the job now
+                        raise LeaseLost(f"the lease of job {spec.job_id} was taken over by another run")
                     run_totals.add(stats)
                     if report.progress(run_totals, len(todo), started, note):
                         log(f"  {report.doc['description']}, {report.doc['throughput_img_s']:g} img/s")
@@ -104,11 +127,19 @@ def run_job(
                    finished_at=now_iso())
         notify(report, spec, log)
         raise
-    if earlier:  # writers of a killed earlier run may have finished items this run redid
-        drop_duplicates(job_root, spec.storage_options)
+    if changed:
+        report.doc["spec_changes"] = [*report.doc.get("spec_changes", []), {"at": now_iso(),
+                                                                                      "options": changed}]
+    # One row per item, whatever happened: a write task retried after its worker died rewrites its
+    # parts under the same names, and writers of a killed earlier run may have finished items again.
+    drop_duplicates(job_root, spec.storage_options)
     finish(report, spec, pricing, run_totals, time.monotonic() - started, started_at)
     notify(report, spec, log)
     return report.doc
+
+
+class LeaseLost(RuntimeError):
+    pass
 
 
 def check_run_options(spec: JobSpec, auto_approve_below: float | None) -> None:

@@ -292,6 +292,20 @@ def _tile_errors(exc: ValidationError) -> str:
     return "; ".join(lines) + " -- number: [nx, ny] tiles, 1..32 each; overlap: [ox, oy], a fraction 0..0.5 of a tile"
 
 
+# Options a resumed job may change: where and how it runs, notification, the budget cap (a
+# resume with a higher cap is how BUDGET_EXCEEDED items get processed), not what an item becomes.
+RESUME_NEUTRAL = ("inputs", "output", "job_id", "storage_options", "device", "cpu_backend", "batch_size",
+                  "detect_actors", "max_credits", "webhook", "web_auth_header_name", "archive_password_file",
+                  "repack")
+
+
+def spec_changes(earlier: dict, now: dict) -> list[str]:
+    """Options (as flags) whose values differ between an earlier run's stored spec and this one's,
+    among those that change what an item becomes (not RESUME_NEUTRAL)."""
+    return [f"--{k.replace('_', '-')}" for k in now
+            if k not in RESUME_NEUTRAL and k in earlier and earlier[k] != now[k]]
+
+
 SECRET_FIELDS = ("archive_password", "web_auth_header_value")  # never echoed in an error
 
 

@@ -20,7 +20,7 @@ from models.detections import CLASSES, Detections
 from models.runtime import release_freed_memory
 from operators.anonymize import AnonymizeOptions, anonymize, draw_debug
 from operators.codecs import decode_full, encode, strip_jpeg_metadata, with_original_metadata
-from operators.manifest import DETECTIONS_SCHEMA, IMAGES_SCHEMA, new_part_name, write_part
+from operators.manifest import DETECTIONS_SCHEMA, IMAGES_SCHEMA, batch_part_name, write_part
 from operators.storage import join, write_atomic
 
 
@@ -49,7 +49,8 @@ def write_batch(batch: dict[str, np.ndarray], options: WriteOptions) -> dict[str
     """Writes the batch's images and its manifest parts; returns one small stats row per item.
 
     The detections part is written before the images part: an item counts as done once its
-    images row exists, so a job killed in between redoes the item (resume drops the orphans)."""
+    images row exists, so a job killed in between redoes the item (resume drops the orphans).
+    Both parts are named after the batch's items, so a retried task overwrites, never duplicates."""
     cpu0 = time.process_time()
     image_rows, det_rows, given_back = [], [], []
     for i in range(len(batch["item_id"])):
@@ -66,7 +67,7 @@ def write_batch(batch: dict[str, np.ndarray], options: WriteOptions) -> dict[str
     cpu_ms = (time.process_time() - cpu0) * 1e3 / max(len(image_rows), 1)
     for r in image_rows:
         r["cpu_write_ms"] = cpu_ms
-    part = new_part_name()
+    part = batch_part_name(r["item_id"] for r in image_rows)  # a retried task replaces its own parts
     write_part(options.job_root, "detections", det_rows, DETECTIONS_SCHEMA, options.storage_options, part)
     write_part(options.job_root, "images", image_rows, IMAGES_SCHEMA, options.storage_options, part)
     stats = {
