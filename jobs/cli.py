@@ -346,6 +346,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"veil {args.command}: cancelled", file=sys.stderr)
         return 130
+    except Exception as exc:
+        from jobs.run import JobFailed  # here: `veil serve` and the lifecycle commands need not import run
+
+        if not isinstance(exc, JobFailed):
+            raise
+        print(f"veil {args.command}: failed: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

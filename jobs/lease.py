@@ -25,6 +25,7 @@ import time
 from contextlib import contextmanager
 
 import psutil
+from fsspec.asyn import sync
 
 from jobs.job_store import JobBusy
 from operators.storage import LOCAL_PROTOCOLS, filesystem, join
@@ -87,7 +88,8 @@ class JobLease:
             if self.s3:
                 bucket, key = self.path.split("/", 1)
                 got = self.fs.call_s3("get_object", Bucket=bucket, Key=key)
-                return json.loads(got["Body"].read() if hasattr(got["Body"], "read") else got["Body"]), got["ETag"]
+                body = sync(self.fs.loop, got["Body"].read)  # aiobotocore's stream: read on s3fs's loop
+                return json.loads(body), got["ETag"]
             text = self.fs.cat_file(self.path).decode()
             return json.loads(text), text
         except FileNotFoundError:

@@ -10,6 +10,7 @@ manifest are skipped (failed ones too, unless retry_failed), and its credits cou
 
 from __future__ import annotations
 
+import _thread
 import time
 
 from jobs.lease import JobLease
@@ -33,7 +34,7 @@ from operators.manifest import read_table
 from operators.repack import members_by_archive
 from operators.resume import ResumeState, drop_duplicates, latest_rows, resume_state
 from operators.sources import check_output_outside_inputs, list_sources
-from operators.storage import join
+from operators.storage import is_no_space, join
 
 
 def run_job(
@@ -97,10 +98,21 @@ def _run_leased(spec: JobSpec, log, approve: bool, auto_approve_below: float | N
     log(f"veil job {spec.job_id}: {len(todo)} files{note}, classes {', '.join(classes)} -> {job_root}")
     report.set("queued", f"{len(todo)} files to process{note}")
 
+    report.reserve_room()  # so that a full disk still lets job.json say `failed` and why
     run_totals = Totals()
     started, started_at = time.monotonic(), now_iso()
+    lost: list[str] = []
+
+    def ray_lost(cause: str) -> None:
+        """From RayWatch's thread: written now, since Ray's core may end this process any moment."""
+        lost.append(cause)
+        report.set("failed", f"{cause}; resume with the same command", finished_at=now_iso(),
+                   failure_cause="RAY_LOST", totals=run_totals.as_dict())
+        report.release_room()
+        _thread.interrupt_main()  # the main thread stops waiting (a KeyboardInterrupt, handled below)
+
     try:
-        with ray_session():
+        with ray_session(on_lost=ray_lost):
             plain = all(s.get("kind") == "image" for s in todo)  # archives: members unknown until listed
             res = plan_resources(spec, sum(len(w) for w in weights.values()),
                                  -(-len(todo) // spec.batch_size) if plain else None)
@@ -119,14 +131,16 @@ def _run_leased(spec: JobSpec, log, approve: bool, auto_approve_below: float | N
             if spec.repack == "zip":
                 report.doc["repack"] = repack(spec, sources, job_root)
     except BaseException as exc:
-        # Ctrl-C, or SIGTERM (Ray's driver handler turns it into SystemExit): the user stopped the job
-        cancelled = isinstance(exc, (KeyboardInterrupt, SystemExit))
+        cause, description = job_failure(exc, lost)
         report.doc["totals"] = run_totals.as_dict()
-        report.set("cancelled" if cancelled else "failed",
-                   "stopped by the user" if cancelled else f"{type(exc).__name__}: {exc}"[:2000],
-                   finished_at=now_iso())
+        report.set("cancelled" if cause == "CANCELLED" else "failed", description, finished_at=now_iso(),
+                   failure_cause=None if cause == "CANCELLED" else cause)
+        report.release_room()
         notify(report, spec, log)
+        if cause in ("RAY_LOST", "NO_SPACE"):
+            raise JobFailed(description) from exc
         raise
+    report.release_room()
     if changed:
         report.doc["spec_changes"] = [*report.doc.get("spec_changes", []), {"at": now_iso(),
                                                                                       "options": changed}]
@@ -140,6 +154,22 @@ def _run_leased(spec: JobSpec, log, approve: bool, auto_approve_below: float | N
 
 class LeaseLost(RuntimeError):
     pass
+
+
+class JobFailed(RuntimeError):
+    """The job ended `failed` for a cause job.json names (the CLI prints it, exit 1)."""
+
+
+def job_failure(exc: BaseException, lost: list[str]) -> tuple[str, str]:
+    """(cause, description) of a job that stopped on `exc`; `lost`: what RayWatch saw."""
+    if lost:
+        return "RAY_LOST", f"{lost[0]}; resume with the same command"
+    if is_no_space(exc):
+        return "NO_SPACE", ("the output storage is full (No space left on device): make room, then resume with the "
+                            "same command (finished items are kept)")
+    if isinstance(exc, (KeyboardInterrupt, SystemExit)):  # Ctrl-C, or SIGTERM (Ray's handler: SystemExit)
+        return "CANCELLED", "stopped by the user"
+    return "INTERNAL_ERROR", f"{type(exc).__name__}: {exc}"[:2000]
 
 
 def check_run_options(spec: JobSpec, auto_approve_below: float | None) -> None:

@@ -21,7 +21,7 @@ from models.runtime import release_freed_memory
 from operators.anonymize import AnonymizeOptions, anonymize, draw_debug
 from operators.codecs import decode_full, encode, strip_jpeg_metadata, with_original_metadata
 from operators.manifest import DETECTIONS_SCHEMA, IMAGES_SCHEMA, batch_part_name, write_part
-from operators.storage import join, write_atomic
+from operators.storage import is_no_space, join, write_atomic
 
 
 @dataclass
@@ -119,6 +119,8 @@ def write_item(row: dict, options: WriteOptions) -> tuple[dict, Detections, np.n
         if options.save_metadata or detect_only:
             _write_metadata(row, dets, anonymised, options)
     except Exception as exc:  # one bad image must not take its block down with it
+        if is_no_space(exc):  # a full disk is the job's fault: it fails, and a resume redoes the items
+            raise
         image_row.update(status="failed", failure_cause="INTERNAL_ERROR", error=f"write failed: {exc!r}")
         return image_row, Detections.empty(), np.zeros(0, bool)
     image_row.update(
