@@ -93,10 +93,11 @@ class FaultProxy:
                 self.stats["reset_after"] += 1
                 return _reset(h)
             h.send_response(resp.status)
-            for k, v in resp.getheaders():
-                if k.lower() not in HOP_BY_HOP and k.lower() != "content-length":
+            for k, v in resp.getheaders():  # a HEAD answer keeps its Content-Length: the object's size
+                if k.lower() not in HOP_BY_HOP and (k.lower() != "content-length" or h.command == "HEAD"):
                     h.send_header(k, v)
-            h.send_header("Content-Length", str(len(data)))
+            if h.command != "HEAD":
+                h.send_header("Content-Length", str(len(data)))
             h.end_headers()
             if h.command != "HEAD":
                 h.wfile.write(data)
