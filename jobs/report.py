@@ -157,6 +157,10 @@ class JobReport:
             self._save()
         return True
 
+    @property
+    def ended(self) -> bool:
+        return self._ended
+
     def save(self) -> None:
         with self._lock:
             self._save(final=self.doc["status"] in END_STATES)

@@ -105,6 +105,8 @@ def _run_leased(spec: JobSpec, log, approve: bool, auto_approve_below: float | N
 
     def ray_lost(cause: str) -> None:
         """From RayWatch's thread: written now, since Ray's core may end this process any moment."""
+        if report.ended:  # the job ended first (e.g. cancelled): that is its outcome
+            return
         lost.append(cause)
         report.set("failed", f"{cause}; resume with the same command", finished_at=now_iso(),
                    failure_cause="RAY_LOST", totals=run_totals.as_dict())
