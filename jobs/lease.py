@@ -188,6 +188,16 @@ class JobLease:
         self.release()
 
 
+def no_live_run(job_root: str, storage_options: dict | None = None) -> str | None:
+    """Why no run holds the job now (its lease is missing or stale), or None while one does:
+    `veil status` says so for a job job.json still calls queued/processing."""
+    lease = JobLease(job_root, storage_options)
+    doc, _ = lease._read()
+    if doc is None:
+        return "no run holds its lease"
+    return stale_reason(doc, lease.ttl)
+
+
 def _write_local(path: str, data: bytes) -> None:
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "wb") as f:

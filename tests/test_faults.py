@@ -368,3 +368,26 @@ def test_s3_faults_byte_identical_exactly_once(ray_local, s3_faults):
     assert doc["status"] == "done" and doc["totals"]["done"] == 8 and not doc["totals"]["failure_causes"]
     assert_exactly_once("faultout/down", 8, fs)
     assert _outputs(fs, "down") == reference
+
+
+def test_status_tells_a_dead_driver_from_a_running_one(tmp_path, capsys):
+    """job.json of a driver killed with SIGKILL still says `processing`: `veil status` adds that no
+    live run holds the job (its lease is stale or gone), and `--follow` stops there."""
+    import socket
+
+    from jobs.cli import main
+    from jobs.lease import JobLease
+    from jobs.report import JobReport
+
+    spec = spec_for([tmp_path], tmp_path / "out", "st")
+    root = str(tmp_path / "out" / "st")
+    JobReport(root, spec.public_dict(), None).set("processing", "3 of 9 items")
+    with JobLease(root).acquire("st"):
+        assert main(["status", "st", "--output", str(tmp_path / "out")]) == 0
+        assert "no live run" not in capsys.readouterr().out
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    Path(root, "lease.json").write_text(json.dumps({"token": "x", "host": socket.gethostname(), "pid": gone.pid,
+                                                    "pid_started": 0, "acquired": 0, "renewed": time.time()}))
+    assert main(["status", "st", "--output", str(tmp_path / "out"), "--follow"]) == 0
+    assert "no live run: its driver (pid" in capsys.readouterr().out
