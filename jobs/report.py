@@ -133,7 +133,7 @@ class JobReport:
             "outputs": {"root": job_root, "images": join(job_root, "images"), "manifest": join(job_root, "manifest")},
         }
         if earlier:
-            for key in ("created_at", "webhook", "runs", "quote", "approved_at"):
+            for key in ("created_at", "webhook", "runs", "quote", "approved_at", "spec_changes"):
                 if key in earlier:
                     self.doc[key] = earlier[key]
 

@@ -144,8 +144,7 @@ def _run_leased(spec: JobSpec, log, approve: bool, auto_approve_below: float | N
         raise
     report.release_room()
     if changed:
-        report.doc["spec_changes"] = [*report.doc.get("spec_changes", []), {"at": now_iso(),
-                                                                                      "options": changed}]
+        report.doc["spec_changes"] = [*report.doc.get("spec_changes", []), {"at": now_iso(), "options": changed}]
     # One row per item, whatever happened: a write task retried after its worker died rewrites its
     # parts under the same names, and writers of a killed earlier run may have finished items again.
     drop_duplicates(job_root, spec.storage_options)
