@@ -123,6 +123,10 @@ def test_killed_write_worker_leaves_no_duplicate_rows(ray_local, photos, tmp_pat
     assert doc["status"] == "done" and doc["totals"]["items"] == 32 and doc["totals"]["done"] == 32
     images = assert_exactly_once(str(out / "w"), 32)
     assert doc["totals"]["detections"]["face"] == sum(r["n_face"] for r in images)
+    from jobs.analytics import connect, overview  # what the notebook and `veil report --html` count
+
+    seen = overview(connect(str(out / "w")))
+    assert (seen["images"], seen["detections"]) == (32, sum(r["n_face"] for r in images)), seen
 
 
 @pytest.mark.slow
