@@ -103,12 +103,15 @@ def _add_run_controls(p: argparse.ArgumentParser) -> None:
          help="jobs quoted at this many credits or more wait for approval (default: the pricing table's; "
               "none = always approve)")
     _opt(p, "--retry-failed", action="store_true", help="when resuming a job id, process its failed items again")
+    _opt(p, "--allow-spec-change", action="store_true",
+         help="resume a job id even with options that change what items become (thresholds, method, models...): "
+              "items finished earlier keep their results; without it such a resume is refused")
 
 
 PROFILE_HELP = ("detection profile (default balanced): fast = deface's recall at 3x its speed; balanced = more "
                 "faces than deface at every size, plates >= 0.99; thorough = the most recall, whatever it costs "
                 "(models/catalog.yaml, README \"Detection quality\")")
-RUN_CONTROLS = ("approve", "auto_approve_below", "retry_failed")
+RUN_CONTROLS = ("approve", "auto_approve_below", "retry_failed", "allow_spec_change")
 BENCH_JOB_OPTIONS = ("profile", "detect_models", "face_threshold", "license_plate_threshold", "person_threshold",
                      "vehicle_threshold", "cpu_backend", "det_max_side", "detect_actors")
 EXIT_AWAITING_APPROVAL = 3  # `veil run` stopped with a quote: not an error, not done either
@@ -138,7 +141,13 @@ def spec_fields(args: argparse.Namespace, inputs: list[str], output: str) -> dic
     """Spec fields from a spec file (if any) overridden by the flags that were given."""
     fields: dict = {}
     if getattr(args, "spec", None):
-        fields.update(yaml.safe_load(args.spec.read_text()) or {})
+        try:
+            loaded = yaml.safe_load(args.spec.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise SpecError(f"spec: cannot read {args.spec}: {getattr(exc, 'strerror', None) or exc}") from None
+        if not isinstance(loaded, (dict, type(None))):
+            raise SpecError(f"spec: {args.spec} must hold a mapping of options (YAML or JSON)")
+        fields.update(loaded or {})
     fields.update(inputs=inputs, output=output)
     skip = {"command", "spec", "paths", "inputs", "storage_option", "func", "output", "json", *RUN_CONTROLS}
     for key, value in vars(args).items():
@@ -160,7 +169,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"job id: {spec.job_id}")
     with cancel_on_sigterm(), quiet_ray():
         doc = run_job(spec, approve=args.approve, auto_approve_below=args.auto_approve_below,
-                      retry_failed=args.retry_failed, bar=None)
+                      retry_failed=args.retry_failed, bar=None, allow_spec_change=args.allow_spec_change)
     return print_outcome(doc)
 
 
@@ -402,6 +411,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"veil {args.command}: cancelled", file=sys.stderr)
         return 130
+    except Exception as exc:
+        from jobs.run import JobFailed  # here: `veil serve` and the lifecycle commands need not import run
+
+        if not isinstance(exc, JobFailed):
+            raise
+        print(f"veil {args.command}: failed: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

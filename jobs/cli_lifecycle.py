@@ -88,8 +88,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         line = status_line(doc)
         if args.address:
             line += " | " + _ray_status(args.address, args.job_id)
+        gone = None
+        if doc["status"] in ("queued", "processing"):  # a driver killed before it could say so
+            from jobs.lease import no_live_run
+            from operators.storage import join
+
+            gone = no_live_run(join(args.output, args.job_id), _storage(args))
+            line += f" | no live run: {gone}; the same `veil run` command resumes it" if gone else ""
         print(line, flush=True)
-        if not args.follow or doc["status"] in TERMINAL:
+        if not args.follow or doc["status"] in TERMINAL or gone:
             return 0
         time.sleep(args.interval)
 

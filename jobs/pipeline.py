@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import psutil
 import ray
 
-from jobs.spec import JobSpec
+from jobs.spec import JobSpec, SpecError
 from models.catalog import ModelEntry
 from models.runtime import backend_for
 from operators.archives import ArchiveOptions, expand_rows
@@ -75,9 +76,9 @@ def _quiet_ray_data() -> None:
 
 
 @contextmanager
-def ray_session() -> Iterator[None]:
+def ray_session(on_lost: Callable[[str], None] | None = None) -> Iterator[None]:
     """Join the cluster named by RAY_ADDRESS (or an already-initialised Ray); otherwise start a
-    local Ray sized to this machine and shut it down afterwards."""
+    local Ray sized to this machine, watched (`on_lost`, see RayWatch), and shut it down afterwards."""
     _quiet_ray_data()
     if ray.is_initialized():
         yield
@@ -91,10 +92,44 @@ def ray_session() -> Iterator[None]:
         return
     # address="local": a cluster left by `ray start` on this machine is not joined by accident
     ray.init(**local_ray_options())
+    watch = RayWatch(on_lost) if on_lost else None
     try:
         yield
     finally:
+        if watch:
+            watch.stop.set()
         ray.shutdown()
+
+
+class RayWatch(threading.Thread):
+    """Watches the local Ray a job started (its gcs_server and raylet, children of this process).
+    When one dies, Ray's core ends the driver process within 15-60 s, from C++, so no Python
+    handler would record why: `on_lost(cause)` is called at once (within a second) instead."""
+
+    def __init__(self, on_lost: Callable[[str], None], every: float = 1.0):
+        super().__init__(name="veil-ray-watch", daemon=True)
+        self.on_lost, self.every, self.stop = on_lost, every, threading.Event()
+        self.procs = [(p, name) for p in psutil.Process().children(recursive=True) if (name := _ray_daemon(p))]
+        self.start()
+
+    def run(self) -> None:
+        while not self.stop.wait(self.every):
+            for p, name in self.procs:
+                try:
+                    alive = p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+                except psutil.NoSuchProcess:
+                    alive = False
+                if not alive and not self.stop.is_set():
+                    self.on_lost(f"the local Ray stopped under the job: its {name} (pid {p.pid}) died")
+                    return
+
+
+def _ray_daemon(p: psutil.Process) -> str:
+    try:
+        name = p.name()
+    except psutil.Error:
+        name = ""
+    return next((d for d in ("gcs_server", "raylet") if name.startswith(d)), "")
 
 
 OBJECT_STORE_PER_CPU = 512 * 2**20
@@ -154,6 +189,11 @@ def plan_resources(spec: JobSpec, weights_bytes: int = 0, batches: int | None = 
     total = ray.cluster_resources()
     cpus, gpus = int(total.get("CPU", 1)), int(total.get("GPU", 0))
     device = spec.device if spec.device != "auto" else ("cuda" if gpus else "cpu")
+    # Without a GPU the detection actors would wait for one forever; only a remote cluster whose
+    # GPU nodes autoscale from zero (then --detect-actors says how many) may get one later.
+    if device == "cuda" and not gpus and not (os.environ.get("RAY_ADDRESS") and spec.detect_actors):
+        raise SpecError("device: cuda, but this Ray cluster has no GPU; use --device cpu or auto (on a cluster "
+                        "whose GPU nodes autoscale from zero, give --detect-actors too)")
     backend = backend_for(device, spec.cpu_backend)
     memory = actor_memory(backend, weights_bytes)
     if device == "cuda":

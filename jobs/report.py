@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -13,7 +16,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from models.detections import CLASSES
-from operators.storage import join, read_bytes, write_atomic
+from operators.storage import filesystem, is_local, is_no_space, join, read_bytes, write_atomic
+
+END_STATES = ("done", "failed", "cancelled", "awaiting_approval")
+RESERVE_BYTES = 64 * 1024  # kept free next to job.json on a local disk, for the report of a full disk
 
 
 def _value_counts(column: pa.ChunkedArray) -> dict[str, int]:
@@ -108,6 +114,9 @@ class JobReport:
         self.storage_options = storage_options
         self.interval = interval
         self._last = 0.0
+        self._lock = threading.Lock()  # the Ray watchdog may end the job from its thread
+        self._ended = False  # once an end state is written, progress lines no longer overwrite it
+        self._reserve = join(job_root, ".job.json.reserve") if is_local(job_root) else None
         self.doc = {
             "job_id": spec["job_id"],
             "status": "new",
@@ -124,29 +133,74 @@ class JobReport:
             "outputs": {"root": job_root, "images": join(job_root, "images"), "manifest": join(job_root, "manifest")},
         }
         if earlier:
-            for key in ("created_at", "webhook", "runs", "quote", "approved_at"):
+            for key in ("created_at", "webhook", "runs", "quote", "approved_at", "spec_changes"):
                 if key in earlier:
                     self.doc[key] = earlier[key]
 
     def set(self, status: str, description: str = "", **fields) -> None:
-        self.doc.update(status=status, description=description, **fields)
-        self.save()
+        with self._lock:
+            if self._ended and status not in END_STATES:
+                return
+            self.doc.update(status=status, description=description, **fields)
+            self._save(final=status in END_STATES)
 
     def progress(self, totals: Totals, expected: int | None, started: float, note: str = "") -> bool:
         """Totals into job.json, at most every `interval` s; True when it was written. `expected`: the
         job's item count, archive members included (None while they are being listed)."""
-        if time.monotonic() - self._last < self.interval:
+        if time.monotonic() - self._last < self.interval or self._ended:
             return False
-        self.doc["totals"] = totals.as_dict()
-        of = f" of {expected}" if expected is not None else ""
-        self.doc["description"] = f"{totals.items}{of} items" + note
-        self.doc["throughput_img_s"] = round(totals.items / max(time.monotonic() - started, 1e-9), 3)
-        self.save()
+        with self._lock:
+            if self._ended:
+                return False
+            self.doc["totals"] = totals.as_dict()
+            of = f" of {expected}" if expected is not None else ""
+            self.doc["description"] = f"{totals.items}{of} items" + note
+            self.doc["throughput_img_s"] = round(totals.items / max(time.monotonic() - started, 1e-9), 3)
+            self._save()
         return True
 
+    @property
+    def ended(self) -> bool:
+        return self._ended
+
     def save(self) -> None:
+        with self._lock:
+            self._save(final=self.doc["status"] in END_STATES)
+
+    def _save(self, final: bool = False) -> None:
         self._last = time.monotonic()
-        write_atomic(self.url, json.dumps(self.doc, indent=2, default=str).encode(), self.storage_options)
+        data = json.dumps(self.doc, indent=2, default=str).encode()
+        try:
+            write_atomic(self.url, data, self.storage_options)
+        except OSError as exc:
+            # A full disk must not leave the job `processing`: its end state takes the reserved room.
+            if not (final and is_no_space(exc) and self.release_room()):
+                raise
+            write_atomic(self.url, data, self.storage_options)
+        self._ended = self._ended or (final and self.doc["status"] != "awaiting_approval")
+
+    def reserve_room(self) -> None:
+        """On a local disk, hold RESERVE_BYTES next to job.json (released to write the report
+        when the disk fills, and when the job ends)."""
+        if self._reserve:
+            path = filesystem(self._reserve)[1]
+            try:
+                with open(path, "wb") as f:
+                    f.write(b"\0" * RESERVE_BYTES)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                self.release_room()
+
+    def release_room(self) -> bool:
+        """Remove the reserve; True if there was one."""
+        if not self._reserve:
+            return False
+        try:
+            os.unlink(filesystem(self._reserve)[1])
+            return True
+        except FileNotFoundError:
+            return False
 
 
 def load_report(job_root: str, storage_options: dict | None = None) -> dict:

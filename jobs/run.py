@@ -10,14 +10,24 @@ manifest are skipped (failed ones too, unless retry_failed), and its credits cou
 
 from __future__ import annotations
 
+import _thread
 import time
 
-from jobs.pipeline import RemoteLedger, archive_options, build_dataset, plan_resources, ray_session, repack_archives
+from jobs.lease import JobLease
+from jobs.pipeline import (
+    RemoteLedger,
+    archive_options,
+    archive_password,
+    build_dataset,
+    plan_resources,
+    ray_session,
+    repack_archives,
+)
 from jobs.pricing import Pricing, load_pricing
 from jobs.progress import JobProgress
 from jobs.quote import quote_items
 from jobs.report import JobReport, Totals, now_iso, try_load_report
-from jobs.spec import JobSpec, SpecError
+from jobs.spec import JobSpec, SpecError, spec_changes
 from jobs.webhook import post_report
 from models.fetch import prepared_weights
 from operators.archive_tools import RAR_SUFFIXES, RAR_TOOL_HINT, rar_tool_missing
@@ -26,7 +36,7 @@ from operators.manifest import read_table
 from operators.repack import members_by_archive
 from operators.resume import ResumeState, drop_duplicates, latest_rows, resume_state
 from operators.sources import check_output_outside_inputs, list_sources
-from operators.storage import join
+from operators.storage import is_no_space, join
 
 
 def run_job(
@@ -36,20 +46,40 @@ def run_job(
     auto_approve_below: float | None = None,
     retry_failed: bool = False,
     bar: bool | None = False,
+    allow_spec_change: bool = False,
 ) -> dict:
     """Run (or resume) the job; returns the final job report (the content of job.json).
 
     A job quoted at or over the auto-approve limit (`auto_approve_below`, else the pricing
     table's) is not run without `approve`: it is left `awaiting_approval` with its quote.
     Progress: a bar on stdout with `bar` (None: when stdout is a terminal), else a line through `log`
-    every 10 s."""
+    every 10 s. One run of a job id at a time (jobs/lease.py: JobBusy otherwise); a resume whose
+    options would change what items become is refused unless `allow_spec_change`."""
+    check_run_options(spec, auto_approve_below)
     classes, models = spec.resolve_models()
     pricing = load_pricing(spec.pricing)
     check_output_outside_inputs(spec.inputs, spec.output, spec.storage_options)
     job_root = join(spec.output, spec.job_id)
+    lease = JobLease(job_root, spec.storage_options).acquire(spec.job_id)
+    try:
+        return _run_leased(spec, log, approve, auto_approve_below, retry_failed, allow_spec_change, classes, models,
+                           pricing, job_root, lease, bar)
+    finally:
+        lease.release()
+
+
+def _run_leased(spec: JobSpec, log, approve: bool, auto_approve_below: float | None, retry_failed: bool,
+                allow_spec_change: bool, classes: list[str], models: dict, pricing: Pricing, job_root: str,
+                lease: JobLease, bar: bool | None) -> dict:
     earlier = try_load_report(job_root, spec.storage_options)
     if earlier and earlier.get("status") == "deleted":
         raise SpecError(f"job-id: job {spec.job_id} was deleted; choose a new --job-id")
+    changed = spec_changes(earlier.get("spec") or {}, spec.public_dict()) if earlier and earlier.get("started_at") \
+        else []
+    if changed and not allow_spec_change:
+        raise SpecError(f"{', '.join(changed)}: differ from the earlier run of job {spec.job_id}, whose finished "
+                        f"items are kept: the job would mix two specs. Give the same options, a new --job-id, or "
+                        f"--allow-spec-change (finished items keep their results)")
     sources = list_sources(spec.inputs, spec.storage_options)
     if any(s["kind"] == "archive" and s["rel_path"].lower().endswith(RAR_SUFFIXES) for s in sources) \
             and rar_tool_missing():  # said up front; each compressed member then fails with the same hint
@@ -75,10 +105,23 @@ def run_job(
     log(f"veil job {spec.job_id}: {len(todo)} files{note}, classes {', '.join(classes)} -> {job_root}")
     report.set("queued", f"{len(todo)} files to process{note}")
 
+    report.reserve_room()  # so that a full disk still lets job.json say `failed` and why
     run_totals = Totals()
     started, started_at = time.monotonic(), now_iso()
+    lost: list[str] = []
+
+    def ray_lost(cause: str) -> None:
+        """From RayWatch's thread: written now, since Ray's core may end this process any moment."""
+        if report.ended:  # the job ended first (e.g. cancelled): that is its outcome
+            return
+        lost.append(cause)
+        report.set("failed", f"{cause}; resume with the same command", finished_at=now_iso(),
+                   failure_cause="RAY_LOST", totals=run_totals.as_dict())
+        report.release_room()
+        _thread.interrupt_main()  # the main thread stops waiting (a KeyboardInterrupt, handled below)
+
     try:
-        with ray_session():
+        with ray_session(on_lost=ray_lost):
             plain = all(s.get("kind") == "image" for s in todo)  # archives: members unknown until listed
             res = plan_resources(spec, sum(len(w) for w in weights.values()),
                                  -(-len(todo) // spec.batch_size) if plain else None)
@@ -92,6 +135,8 @@ def run_job(
                 try:
                     ds = build_dataset(spec, todo, classes, models, weights, job_root, res, billing, resume.finished)
                     for stats in ds.iter_batches(batch_size=None, batch_format="numpy"):  # rows as written
+                        if lease.lost.is_set():  # taken over as stale: another run owns the job now
+                            raise LeaseLost(f"the lease of job {spec.job_id} was taken over by another run")
                         run_totals.add(stats)
                         progress.update(run_totals)
                         report.progress(run_totals, progress.total, started, note)
@@ -100,19 +145,55 @@ def run_job(
             if spec.repack == "zip":
                 report.doc["repack"] = repack(spec, sources, job_root)
     except BaseException as exc:
-        # Ctrl-C, or SIGTERM (Ray's driver handler turns it into SystemExit): the user stopped the job
-        cancelled = isinstance(exc, (KeyboardInterrupt, SystemExit))
+        cause, description = job_failure(exc, lost)
         report.doc["totals"] = run_totals.as_dict()
-        report.set("cancelled" if cancelled else "failed",
-                   "stopped by the user" if cancelled else f"{type(exc).__name__}: {exc}"[:2000],
-                   finished_at=now_iso())
+        report.set("cancelled" if cause == "CANCELLED" else "failed", description, finished_at=now_iso(),
+                   failure_cause=None if cause == "CANCELLED" else cause)
+        report.release_room()
         notify(report, spec, log)
+        if cause in ("RAY_LOST", "NO_SPACE"):
+            raise JobFailed(description) from exc
         raise
-    if earlier:  # writers of a killed earlier run may have finished items this run redid
-        drop_duplicates(job_root, spec.storage_options)
+    report.release_room()
+    if changed:
+        report.doc["spec_changes"] = [*report.doc.get("spec_changes", []), {"at": now_iso(), "options": changed}]
+    # One row per item, whatever happened: a write task retried after its worker died rewrites its
+    # parts under the same names, and writers of a killed earlier run may have finished items again.
+    drop_duplicates(job_root, spec.storage_options)
     finish(report, spec, pricing, run_totals, time.monotonic() - started, started_at)
     notify(report, spec, log)
     return report.doc
+
+
+class LeaseLost(RuntimeError):
+    pass
+
+
+class JobFailed(RuntimeError):
+    """The job ended `failed` for a cause job.json names (the CLI prints it, exit 1)."""
+
+
+def job_failure(exc: BaseException, lost: list[str]) -> tuple[str, str]:
+    """(cause, description) of a job that stopped on `exc`; `lost`: what RayWatch saw."""
+    if lost:
+        return "RAY_LOST", f"{lost[0]}; resume with the same command"
+    if is_no_space(exc):
+        return "NO_SPACE", ("the output storage is full (No space left on device): make room, then resume with the "
+                            "same command (finished items are kept)")
+    if isinstance(exc, (KeyboardInterrupt, SystemExit)):  # Ctrl-C, or SIGTERM (Ray's handler: SystemExit)
+        return "CANCELLED", "stopped by the user"
+    return "INTERNAL_ERROR", f"{type(exc).__name__}: {exc}"[:2000]
+
+
+def check_run_options(spec: JobSpec, auto_approve_below: float | None) -> None:
+    """What the spec alone cannot check, refused before anything starts (SpecError names the option)."""
+    if auto_approve_below is not None and not auto_approve_below >= 0:  # `not >=`: NaN too
+        raise SpecError(f"auto-approve-below: must be a number of credits >= 0 (got {auto_approve_below:g})")
+    try:
+        archive_password(spec)  # read again on the driver when the job starts; here it must exist
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise SpecError(f"archive-password-file: cannot read {spec.archive_password_file}: {reason}") from None
 
 
 def finish(report: JobReport, spec: JobSpec, pricing: Pricing, run: Totals, wall: float, started_at: str) -> None:

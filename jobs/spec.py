@@ -13,6 +13,7 @@ import secrets
 from datetime import datetime, timezone
 from typing import Annotated, Literal, get_args
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from models.catalog import ModelEntry, load_catalog, load_profiles
@@ -147,6 +148,14 @@ class JobSpec(BaseModel):
             raise ValueError("must be an http:// or https:// URL")
         return v
 
+    @field_validator("web_auth_header_value")
+    @classmethod
+    def _header_value(cls, v: str | None) -> str | None:
+        # CR/LF would end the header (urllib refuses it only when the job posts, after all the work)
+        if v is not None and any(c in v for c in "\r\n\0"):
+            raise ValueError("must not contain CR, LF or NUL characters")
+        return v
+
     @field_validator("format", mode="before")
     @classmethod
     def _format(cls, v: object) -> object:
@@ -234,11 +243,11 @@ class JobSpec(BaseModel):
     def detection_profile(self) -> Profile:
         """The profile the detectors follow: the one named (or the default), or one made of the
         `detect_models`; an explicit class threshold replaces that class's size rules."""
-        catalog = load_catalog(self.models)
         try:
-            profiles = load_profiles(self.models)
-        except ValueError as exc:
-            raise SpecError(f"models: {exc}") from None
+            catalog, profiles = load_catalog(self.models), load_profiles(self.models)
+        except (OSError, ValueError, yaml.YAMLError) as exc:  # a missing or malformed --models file
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+            raise SpecError(f"models: cannot use {self.models}: {reason}") from None
         if self.detect_models:
             if self.profile:
                 raise SpecError("profile, detect-models: give one of them (a profile names its own models)")
@@ -299,11 +308,30 @@ def _tile_errors(exc: ValidationError) -> str:
     return "; ".join(lines) + " -- number: [nx, ny] tiles, 1..32 each; overlap: [ox, oy], a fraction 0..0.5 of a tile"
 
 
+# Options a resumed job may change: where and how it runs, notification, the budget cap (a
+# resume with a higher cap is how BUDGET_EXCEEDED items get processed), not what an item becomes.
+RESUME_NEUTRAL = ("inputs", "output", "job_id", "storage_options", "device", "cpu_backend", "batch_size",
+                  "detect_actors", "max_credits", "webhook", "web_auth_header_name", "archive_password_file",
+                  "repack")
+
+
+def spec_changes(earlier: dict, now: dict) -> list[str]:
+    """Options (as flags) whose values differ between an earlier run's stored spec and this one's,
+    among those that change what an item becomes (not RESUME_NEUTRAL)."""
+    return [f"--{k.replace('_', '-')}" for k in now
+            if k not in RESUME_NEUTRAL and k in earlier and earlier[k] != now[k]]
+
+
+SECRET_FIELDS = ("archive_password", "web_auth_header_value")  # never echoed in an error
+
+
 def _describe(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
         name = "-".join(str(p) for p in err["loc"]).replace("_", "-") or "spec"
-        got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+        shown = "input" in err and not isinstance(err["input"], dict) and not (
+            set(map(str, err["loc"])) & {*SECRET_FIELDS, *(f.replace("_", "-") for f in SECRET_FIELDS)})
+        got = f" (got {err['input']!r})" if shown else ""
         lines.append(f"{name}: {err['msg']}{got}")
     return "; ".join(lines)
 

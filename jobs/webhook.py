@@ -51,6 +51,9 @@ def post_report(
             outcome.update(http_status=exc.code, error=f"HTTP {exc.code} {exc.reason}")
             if exc.code not in RETRY_STATUSES:
                 break
+        except ValueError as exc:  # a header or URL http.client refuses: final; its text may hold the secret
+            outcome.update(http_status=None, error=f"{type(exc).__name__}: the request could not be built")
+            break
         except (urllib.error.URLError, TimeoutError, OSError) as exc:
             outcome.update(http_status=None, error=f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}")
         if attempt < retries:

@@ -1,13 +1,17 @@
 """The Parquet manifest: the schemas of `images` and `detections` rows, and writing one part.
 
-Each writer batch writes its own part files (`part-<uuid>.parquet`), so the driver never
-collects rows and a killed job leaves only whole parts behind (each part is one atomic write).
+Each writer batch writes its own part files, so the driver never collects rows and a killed job
+leaves only whole parts behind (each part is one atomic write). A batch's part name comes from
+its item ids (`batch_part_name`): when Ray retries a write task whose worker died, the retry
+replaces the parts the first attempt wrote instead of adding a second row per item.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import uuid
+from collections.abc import Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -68,6 +72,12 @@ DETECTIONS_SCHEMA = pa.schema([
 def new_part_name() -> str:
     """One name per writer batch, shared by its images and detections parts (resume pairs them)."""
     return f"part-{uuid.uuid4().hex}.parquet"
+
+
+def batch_part_name(item_ids: Iterable[object]) -> str:
+    """The part name of a writer batch: the same items, the same name, whichever attempt writes it."""
+    digest = hashlib.sha256("\n".join(sorted(str(i) for i in item_ids)).encode()).hexdigest()[:32]
+    return f"part-{digest}.parquet"
 
 
 def write_part(job_root: str, table_name: str, rows: list[dict] | pa.Table, schema: pa.Schema,

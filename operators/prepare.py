@@ -20,7 +20,7 @@ from operators.causes import MULTI_FRAME
 from operators.codecs import PNG_SIGNATURE, image_end
 from operators.items import format_from_name, sniff_format
 from operators.orientation import upright
-from operators.storage import read_bytes
+from operators.storage import is_unavailable, read_bytes
 
 DEFAULT_DET_MAX_SIDE = 2048
 DEFAULT_MAX_PIXELS = 250_000_000  # a larger declared size is a decompression bomb: TOO_LARGE
@@ -107,7 +107,9 @@ def prepare_item(row: dict, storage_options: dict | None, det_max_side: int, max
         result.update(status="failed", failure_cause="TASK_FILE_DOESNT_EXIST", error=str(exc))
         return result
     except Exception as exc:  # network, permissions: keep the job going, say what happened
-        result.update(status="failed", failure_cause="INTERNAL_ERROR", error=f"read failed: {exc!r}")
+        # still unreachable after the client's retries: its own cause, which --retry-failed takes up
+        cause = "SOURCE_UNAVAILABLE" if is_unavailable(exc) else "INTERNAL_ERROR"
+        result.update(status="failed", failure_cause=cause, error=f"read failed: {exc!r}")
         return result
     t1 = time.perf_counter()
     result.update(data=data, t_read_ms=(t1 - t0) * 1e3)
@@ -142,6 +144,8 @@ def fetch_item_bytes(row: dict, storage_options: dict | None) -> bytes:
         except FileNotFoundError:
             raise
         except Exception as exc:  # a corrupt member or archive fails alone, the rest goes on
+            if is_unavailable(exc):
+                raise ItemFailure("SOURCE_UNAVAILABLE", f"{row['rel_path']}: {type(exc).__name__}: {exc}") from None
             raise ItemFailure("ARCHIVE_ERROR", f"{row['rel_path']}: {type(exc).__name__}: {exc}") from None
     return read_bytes(row["source_url"], storage_options)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 import tempfile
@@ -82,3 +83,48 @@ def write_atomic(url: str, data: bytes, storage_options: dict | None = None) -> 
             raise
     else:
         fs.pipe_file(path, data)
+
+
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _chain(exc: BaseException):
+    """The exception, its causes and contexts (and a Ray task error's own cause)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__ or getattr(exc, "cause", None)
+
+
+def is_no_space(exc: BaseException) -> bool:
+    """A write that failed because the disk (or quota) is full: the job's fault, not the item's."""
+    return any((isinstance(e, OSError) and e.errno in NO_SPACE_ERRNOS) or "No space left on device" in str(e)
+               for e in _chain(exc))
+
+
+# botocore / aiohttp exceptions of a network or endpoint that may answer next time (by name: neither
+# package is needed to read local files)
+TRANSIENT_NAMES = {"EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError", "ConnectTimeoutError",
+                   "ResponseStreamingError", "IncompleteReadError", "ProxyConnectionError", "HTTPClientError",
+                   "ClientConnectionError", "ClientOSError", "ServerDisconnectedError", "ClientPayloadError",
+                   "ServerTimeoutError", "ClientConnectorError"}
+TRANSIENT_TEXT = ("SlowDown", "Service Unavailable", "ServiceUnavailable", "InternalError", "RequestTimeout",
+                  "Bad Gateway", "Gateway Timeout", "Internal Server Error", "(500)", "(502)", "(503)", "(504)")
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """A storage error that a later try may not meet (network, timeouts, 5xx, throttling), after
+    the client's own retries: SOURCE_UNAVAILABLE, which `--retry-failed` processes again."""
+    for e in _chain(exc):
+        if isinstance(e, FileNotFoundError | PermissionError):
+            return False
+        if isinstance(e, ConnectionError | TimeoutError) or type(e).__name__ in TRANSIENT_NAMES:
+            return True
+        status = (getattr(e, "response", None) or {}).get("ResponseMetadata", {}).get("HTTPStatusCode") \
+            if isinstance(getattr(e, "response", None), dict) else None
+        if isinstance(status, int) and (status >= 500 or status == 429):
+            return True
+        if any(t in str(e) for t in TRANSIENT_TEXT):
+            return True
+    return False

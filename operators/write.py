@@ -29,8 +29,8 @@ from operators.codecs import (
     with_original_metadata,
     without_trailer,
 )
-from operators.manifest import DETECTIONS_SCHEMA, IMAGES_SCHEMA, new_part_name, write_part
-from operators.storage import join, write_atomic
+from operators.manifest import DETECTIONS_SCHEMA, IMAGES_SCHEMA, batch_part_name, write_part
+from operators.storage import is_no_space, join, write_atomic
 
 
 @dataclass
@@ -58,7 +58,8 @@ def write_batch(batch: dict[str, np.ndarray], options: WriteOptions) -> dict[str
     """Writes the batch's images and its manifest parts; returns one small stats row per item.
 
     The detections part is written before the images part: an item counts as done once its
-    images row exists, so a job killed in between redoes the item (resume drops the orphans)."""
+    images row exists, so a job killed in between redoes the item (resume drops the orphans).
+    Both parts are named after the batch's items, so a retried task overwrites, never duplicates."""
     cpu0 = time.process_time()
     image_rows, det_rows, given_back = [], [], []
     for i in range(len(batch["item_id"])):
@@ -75,7 +76,7 @@ def write_batch(batch: dict[str, np.ndarray], options: WriteOptions) -> dict[str
     cpu_ms = (time.process_time() - cpu0) * 1e3 / max(len(image_rows), 1)
     for r in image_rows:
         r["cpu_write_ms"] = cpu_ms
-    part = new_part_name()
+    part = batch_part_name(r["item_id"] for r in image_rows)  # a retried task replaces its own parts
     write_part(options.job_root, "detections", det_rows, DETECTIONS_SCHEMA, options.storage_options, part)
     write_part(options.job_root, "images", image_rows, IMAGES_SCHEMA, options.storage_options, part)
     stats = {
@@ -128,6 +129,8 @@ def write_item(row: dict, options: WriteOptions) -> tuple[dict, Detections, np.n
         if options.save_metadata or detect_only:
             _write_metadata(row, dets, anonymised, options)
     except Exception as exc:  # one bad image must not take its block down with it
+        if is_no_space(exc):  # a full disk is the job's fault: it fails, and a resume redoes the items
+            raise
         image_row.update(status="failed", **_write_failure(exc))
         return image_row, Detections.empty(), np.zeros(0, bool)
     image_row.update(

@@ -11,10 +11,10 @@ import logging
 import time
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, HTTPException
 
 from jobs.api import celantur_container, celantur_v1, celantur_v2, faceblurest, syntonym
-from jobs.api.errors import install_handlers
+from jobs.api.errors import install_handlers, shaped
 from jobs.api.service import Service, ServiceConfig
 
 log = logging.getLogger("veil.serve")
@@ -23,9 +23,20 @@ log = logging.getLogger("veil.serve")
 ROUTERS = (celantur_v1.router, celantur_container.router, celantur_v2.router, syntonym.router, faceblurest.router)
 
 
+def printable(text: str, limit: int = 200) -> str:
+    """`text` cut to `limit` characters with control and other unprintable characters (CR, LF,
+    NUL, ...) and backslashes escaped, so a request path cannot forge or break a log line."""
+    text = text[:limit]
+    if text.isprintable() and "\\" not in text:
+        return text
+    return "".join(c if c.isprintable() and c != "\\" else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
 class AccessLog:
     """One line per request: method, path, status, time. Never the query string (a webhook's auth
-    header value may travel there) nor any header (tokens, Basic credentials, API keys)."""
+    header value may travel there) nor any header (tokens, Basic credentials, API keys). The path
+    is escaped (`printable`): `/health%0aFAKE` is logged as `/health\\nFAKE`, on one line."""
 
     def __init__(self, app):
         self.app = app
@@ -44,8 +55,53 @@ class AccessLog:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            log.info("%s %s %d %.0f ms", scope["method"], scope["path"][:200], seen["status"],
+            log.info("%s %s %d %.0f ms", printable(scope["method"], 16), printable(scope["path"]), seen["status"],
                      (time.perf_counter() - t0) * 1e3)
+
+
+JSON_BODY_LIMIT = 1 * 2**20  # bodies parsed whole by the framework (JSON requests)
+SIGNIN_BODY_LIMIT = 16 * 1024  # a sign-in body is a user name and a password: nothing to check before it
+
+
+class BodyLimit:
+    """Every request body is capped before it is read: over its route's limit (by Content-Length at
+    once, else while it streams in) the answer is 413 in the API's shape. Uploads have their own
+    limits (`body_limit`); the other routes take JSON, which the framework reads whole before any
+    credentials are checked, so those get 1 MiB, and sign-in, which has no credentials, 16 KiB."""
+
+    def __init__(self, app, config: ServiceConfig):
+        self.app, self.config = app, config
+
+    def body_limit(self, path: str) -> int:
+        c = self.config
+        if path.startswith("/syntonym/upload/"):
+            return c.max_archive_upload_bytes
+        if path == "/faceblurest":
+            return c.max_upload_bytes * 4 // 3 + 4096  # base64 in JSON
+        if path in ("/v1/file", "/task") or path.startswith(("/v2/upload/", "/syntonym/direct_upload/")):
+            return c.max_upload_bytes
+        return SIGNIN_BODY_LIMIT if path == "/v1/signin" else JSON_BODY_LIMIT
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit, path = self.body_limit(scope["path"]), scope["path"]
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            response = shaped(path, 413, f"the body is {int(declared)} bytes, over the {limit} byte limit").response()
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def capped_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:  # rendered by the app's HTTPException handler, in the API's shape
+                    raise HTTPException(413, f"the body passes the {limit} byte limit")
+            return message
+
+        await self.app(scope, capped_receive, send)
 
 
 def create_app(config: ServiceConfig | None = None) -> FastAPI:
@@ -79,6 +135,7 @@ def create_app(config: ServiceConfig | None = None) -> FastAPI:
     async def health() -> dict:
         return {"status": "ok"}
 
+    app.add_middleware(BodyLimit, config=config)
     app.add_middleware(AccessLog)
     if service.auth.secret_generated:
         log.warning("no `secret` in the users file: access tokens are signed with a key made at start-up; they "

@@ -145,13 +145,18 @@ class Auth:
         return user
 
     def check_basic(self, header: str | None) -> User:
+        return self.check_password(*self.parse_basic(header))
+
+    @staticmethod
+    def parse_basic(header: str | None) -> tuple[str, str]:
+        """(username, password) of an `Authorization: Basic ...` header; AuthError if malformed."""
         if not header or not header.lower().startswith("basic "):
             raise AuthError("HTTP Basic credentials are required")
         try:
             username, _, password = base64.b64decode(header[6:].strip(), validate=True).decode().partition(":")
         except (binascii.Error, UnicodeDecodeError):
             raise AuthError("malformed HTTP Basic credentials") from None
-        return self.check_password(username, password)
+        return username, password
 
     # --- access tokens (Celantur) ---
     def issue_token(self, user: User, now: float | None = None) -> tuple[str, int]:

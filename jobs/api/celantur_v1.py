@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field
 from jobs.api.auth import AuthError
 from jobs.api.errors import ApiError
 from jobs.api.params import ParamError, openapi_parameters, task_query
+from jobs.api.ratelimit import RateLimited, client_address
 from jobs.api.service import CONTENT_TYPES, Busy, UploadTooLarge, get_service, read_capped
 from jobs.api.tasks import OUTPUTS, TaskNotFound, public
 from jobs.spec import JobSpec
@@ -52,12 +53,15 @@ class SignIn(BaseModel):
 
 @router.post("/v1/signin", summary="Exchange username and password for an access token")
 async def signin(request: Request, body: SignIn) -> dict:
-    auth = get_service(request).auth
-    try:
-        user = await run_in_threadpool(auth.check_password, body.username, body.password)  # scrypt: not on the loop
+    service = get_service(request)
+    try:  # scrypt: not on the loop
+        user = await run_in_threadpool(service.auth_throttle.verify, service.auth, client_address(request),
+                                       body.username, body.password)
+    except RateLimited as exc:
+        raise ApiError(429, str(exc), exc.headers) from None
     except AuthError as exc:
         raise ApiError(401, str(exc)) from None
-    token, ttl = auth.issue_token(user)
+    token, ttl = service.auth.issue_token(user)
     return {"AccessToken": token, "ExpiresIn": ttl, "TokenType": "Bearer"}
 
 

@@ -33,6 +33,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from jobs.api.auth import AuthError
 from jobs.api.errors import FaceBlurestError
+from jobs.api.ratelimit import RateLimited, client_address
 from jobs.api.service import Service, UploadTooLarge, get_service, read_capped
 from jobs.report import now_iso
 from jobs.spec import build_spec
@@ -59,12 +60,14 @@ def faceblurest_user(request: Request, _creds: Annotated[HTTPBasicCredentials | 
     # _creds documents the scheme in OpenAPI; the header is checked here, whatever FastAPI made of it
     service = get_service(request)
     try:
-        user = service.auth.check_basic(request.headers.get("authorization")).name
+        username, password = service.auth.parse_basic(request.headers.get("authorization"))
+        user = service.auth_throttle.verify(service.auth, client_address(request), username, password).name
+    except RateLimited as exc:
+        raise _error(429, FaceBlurestError.RATE_LIMITED, str(exc), exc.headers) from None
     except AuthError as exc:
         raise _error(401, FaceBlurestError.UNAUTHORIZED, str(exc), {"WWW-Authenticate": 'Basic realm="faceblurest"'}) \
             from None
-    service.limiter.guard(user, lambda e: _error(429, FaceBlurestError.RATE_LIMITED, str(e),
-                                                 {"Retry-After": f"{e.retry_after:.0f}"}))
+    service.limiter.guard(user, lambda e: _error(429, FaceBlurestError.RATE_LIMITED, str(e), e.headers))
     return user
 
 

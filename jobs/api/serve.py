@@ -81,6 +81,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from jobs.api.app import create_app
     from jobs.api.service import ServiceConfig
 
+    if args.auto_approve_below is not None and not args.auto_approve_below >= 0:
+        print(f"veil serve: --auto-approve-below must be a number of credits >= 0 (got {args.auto_approve_below:g})",
+              file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServiceConfig(
         storage=args.storage,

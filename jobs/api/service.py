@@ -36,7 +36,7 @@ from jobs.api.links import LinkError, Links, is_s3
 from jobs.api.params import ParamError, build_task_spec, recorded
 from jobs.api.pool import BACKGROUND, WAITING, PriorityPool
 from jobs.api.processor import ImageProcessor, Processed
-from jobs.api.ratelimit import RateLimiter
+from jobs.api.ratelimit import AuthThrottle, RateLimiter
 from jobs.api.tasks import DEFAULT_STORAGE, FILE_NAMES, OUTPUTS, TaskNotFound, TaskStore, public
 from jobs.api.uploads import UploadTooLarge, read_capped  # re-exported: the routers take them from here
 from jobs.report import now_iso
@@ -73,6 +73,8 @@ class ServiceConfig:
     auto_approve_below: float | None = None  # API jobs quoted below start at once; None: the pricing table's
     job_threads: int = 2  # API jobs driven at once (their images go through the same `workers`)
     rate_limit_per_minute: int = 600  # requests per user / API key per minute in this replica; 0 = no limit
+    auth_failures_per_user: int = 10  # failed password checks per user name a minute, then 429; 0 = no limit
+    auth_failures_per_address: int = 30  # ... per client address
     ray_address: str | None = None  # Syntonym jobs go to this Ray cluster (Jobs API); None: run in-process
     requeue_after_s: int = 600  # a task queued/processing this long without a change is re-queued; 0 = never
 
@@ -96,6 +98,8 @@ class Service:
         self.links = Links(self.auth.link_key, config.storage_options)
         self.accounts = Accounts(config.storage, config.storage_options)
         self.limiter = RateLimiter(config.rate_limit_per_minute)
+        self.auth_throttle = AuthThrottle(  # failed password checks: see ratelimit.py
+            config.auth_failures_per_user, config.auth_failures_per_address)
         self._waiting = 0
         self._lock = threading.Lock()
         self._task_locks = [threading.Lock() for _ in range(64)]  # striped: one upload check per task at a time
@@ -114,7 +118,7 @@ class Service:
             user = self.auth.check_token(token)
         except AuthError as exc:
             raise error(401, str(exc), None) from None
-        self.limiter.guard(user, lambda e: error(429, str(e), {"Retry-After": f"{e.retry_after:.0f}"}))
+        self.limiter.guard(user, lambda e: error(429, str(e), e.headers))
         return user
 
     def close(self) -> None:

@@ -104,8 +104,7 @@ def syntonym_key(request: Request, key: str | None = Security(_key)) -> ApiKey:
         api_key = service.auth.api_key(key)
     except AuthError as exc:
         raise SyntonymError(401, str(exc), "INVALID_API_KEY" if key else "MISSING_API_KEY") from None
-    service.limiter.guard("key:" + api_key.account, lambda e: SyntonymError(
-        429, str(e), "RATE_LIMITED", {"Retry-After": f"{e.retry_after:.0f}"}))
+    service.limiter.guard("key:" + api_key.account, lambda e: SyntonymError(429, str(e), "RATE_LIMITED", e.headers))
     return api_key
 
 
