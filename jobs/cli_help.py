@@ -24,13 +24,14 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "quality", "compress_level", "strip_metadata", "save_mask", "mask_scale", "save_metadata",
         "storage_option"),
     "models and compute": (
-        "detect_models", "models", "format", "det_max_side", "max_pixels", "device", "cpu_backend",
+        "profile", "detect_models", "models", "format", "det_max_side", "max_pixels", "device", "cpu_backend",
         "batch_size", "detect_actors"),
     "archives (zip, 7z, rar)": (
         "archive_depth", "archive_password", "archive_password_file", "max_member_bytes", "max_archive_bytes",
         "max_compression_ratio", "repack"),
     "jobs and billing": (
-        "job_id", "spec", "approve", "auto_approve_below", "retry_failed", "pricing", "max_credits", "webhook",
+        "job_id", "spec", "approve", "auto_approve_below", "retry_failed", "allow_spec_change",
+        "pricing", "max_credits", "webhook",
         "web_auth_header_name", "web_auth_header_value"),
 }
 # what the value of an option is, where its name does not say (argparse would print FACE_THRESHOLD)
@@ -38,7 +39,7 @@ METAVARS = {
     "det_max_side": "PX", "max_pixels": "PIXELS", "batch_size": "IMAGES", "detect_actors": "N",
     "quality": "0..100", "compress_level": "0..9", "mask_scale": "PERCENT", "archive_depth": "LEVELS",
     "max_compression_ratio": "RATIO", "max_credits": "CREDITS", "auto_approve_below": "CREDITS",
-    "detect_models": "NAME,...", "models": "FILE", "pricing": "FILE", "spec": "FILE", "job_id": "ID",
+    "profile": "NAME", "detect_models": "NAME,...", "models": "FILE", "pricing": "FILE", "spec": "FILE", "job_id": "ID",
     "archive_password": "PASSWORD", "archive_password_file": "FILE", "webhook": "URL",
     "web_auth_header_name": "NAME", "web_auth_header_value": "VALUE",
 }

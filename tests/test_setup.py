@@ -137,4 +137,4 @@ def test_run_help_is_in_sections_with_units_and_defaults(capsys):
     assert "--face-threshold 0..1" in text and "--det-max-side PX" in text and "--max-member-bytes BYTES" in text
     assert "--face_threshold" not in text  # one spelling shown, both accepted
     ns = parser.parse_args(["run", "a", "b", "--face_threshold", "0.3", "--max-member-bytes", "10"])
-    assert ns.face_threshold == 0.3 and JobSpec.model_fields["face_threshold"].default == 0.15
+    assert ns.face_threshold == 0.3 and JobSpec.model_fields["face_threshold"].default is None  # the profile's
