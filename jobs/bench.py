@@ -258,8 +258,9 @@ def format_bench(result: dict) -> str:
     for name in ("pipeline", "bare", "codec", "peer", "pass_through"):
         if result.get(name):
             lines.append(f"{name:<10}{result[name]['img_s']:>10.2f}")
-    lines.append(f"pipeline/bare {result['ratios']['pipeline_vs_bare']}, "
-                 f"pipeline/peer {result['ratios']['pipeline_vs_peer']}")
+    peer = result["ratios"]["pipeline_vs_peer"]
+    lines.append(f"pipeline/bare {result['ratios']['pipeline_vs_bare']}, pipeline/peer "
+                 + (f"{peer}" if peer is not None else "- (no peer run: `pip install deface==1.5.0`, or --no-peer)"))
     if "pass_through_vs_full" in result["ratios"]:
         lines.append(f"pass-through/full {result['ratios']['pass_through_vs_full']} (img/s), write stage "
                      f"{result['ratios']['pass_through_write_stage_speedup']}x faster per image")
