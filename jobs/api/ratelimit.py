@@ -39,20 +39,27 @@ class RateLimiter:
         self._buckets: dict[str, tuple[float, float]] = {}  # who -> (tokens, when)
         self._lock = threading.Lock()
 
+    def _tokens(self, who: str, now: float) -> float:
+        """`who`'s tokens at `now`, refilled since its last request (call under the lock)."""
+        tokens, since = self._buckets.get(who, (self.capacity, now))
+        return min(self.capacity, tokens + (now - since) * self.rate)
+
+    def _store(self, who: str, tokens: float, now: float, idle_s: float) -> None:
+        self._buckets[who] = (tokens, now)
+        if len(self._buckets) > 100_000:  # forget the idle ones: memory stays bounded
+            self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < idle_s}
+
     def check(self, who: str, now: float | None = None) -> None:
         """Take one request from `who`'s bucket; RateLimited when it is empty."""
         if self.rate <= 0:
             return
         now = time.monotonic() if now is None else now
         with self._lock:
-            tokens, since = self._buckets.get(who, (self.capacity, now))
-            tokens = min(self.capacity, tokens + (now - since) * self.rate)
+            tokens = self._tokens(who, now)
             if tokens < 1:
                 self._buckets[who] = (tokens, now)
                 raise RateLimited((1 - tokens) / self.rate)
-            self._buckets[who] = (tokens - 1, now)
-            if len(self._buckets) > 100_000:  # forget the idle ones: memory stays bounded
-                self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < 60}
+            self._store(who, tokens - 1, now, 60)
 
     def wait(self, who: str, now: float | None = None) -> float:
         """Seconds until `who` has a whole token again (0: it has one); takes nothing."""
@@ -60,8 +67,7 @@ class RateLimiter:
             return 0.0
         now = time.monotonic() if now is None else now
         with self._lock:
-            tokens, since = self._buckets.get(who, (self.capacity, now))
-            tokens = min(self.capacity, tokens + (now - since) * self.rate)
+            tokens = self._tokens(who, now)
         return 0.0 if tokens >= 1 else (1 - tokens) / self.rate
 
     def take(self, who: str, now: float | None = None) -> None:
@@ -70,11 +76,7 @@ class RateLimiter:
             return
         now = time.monotonic() if now is None else now
         with self._lock:
-            tokens, since = self._buckets.get(who, (self.capacity, now))
-            tokens = min(self.capacity, tokens + (now - since) * self.rate)
-            self._buckets[who] = (max(0.0, tokens - 1), now)
-            if len(self._buckets) > 100_000:
-                self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < 600}
+            self._store(who, max(0.0, self._tokens(who, now) - 1), now, 600)
 
     def guard(self, who: str, error) -> None:
         """`check`, raising `error(429, message, headers)` (an API's own error class) instead."""
