@@ -138,6 +138,10 @@ class JobLease:
         """Take the lease, or JobBusy naming its live holder."""
         for _ in range(5):  # a lost race re-reads: the winner's fresh lease then refuses us
             doc, version = self._read()
+            if doc is not None and doc.get("token") == self.token:
+                # our own create landed although its answer was lost (the client retried it)
+                self.version = version
+                return self._started()
             if doc is not None:
                 reason = stale_reason(doc, self.ttl)
                 if reason is None:
@@ -148,16 +152,25 @@ class JobLease:
                         f"taken over after {self.ttl:.0f} s without renewal (at once on the same machine)")
                 self.took_over = reason
             if self._swap(self._doc(), version):
-                self._thread = threading.Thread(target=self._renew_loop, name="veil-lease", daemon=True)
-                self._thread.start()
-                return self
+                return self._started()
         raise JobBusy(f"job {job_id}: another run keeps taking its lease ({self.url})")
+
+    def _started(self) -> JobLease:
+        self._thread = threading.Thread(target=self._renew_loop, name="veil-lease", daemon=True)
+        self._thread.start()
+        return self
 
     def renew(self) -> bool:
         doc, version = self._read()
-        if doc is None or doc.get("token") != self.token or not self._swap(self._doc(doc.get("acquired")), version):
+        if doc is None or doc.get("token") != self.token:
             self.lost.set()
             return False
+        if not self._swap(self._doc(doc.get("acquired")), version):
+            doc, version = self._read()  # a retried write of ours may have landed: then it is still ours
+            if doc is None or doc.get("token") != self.token:
+                self.lost.set()
+                return False
+            self.version = version
         return True
 
     def _renew_loop(self) -> None:

@@ -395,3 +395,19 @@ def test_status_tells_a_dead_driver_from_a_running_one(tmp_path, capsys):
                                                     "pid_started": 0, "acquired": 0, "renewed": time.time()}))
     assert main(["status", "st", "--output", str(tmp_path / "out"), "--follow"]) == 0
     assert "no live run: its driver (pid" in capsys.readouterr().out
+
+
+def test_a_lease_whose_create_landed_unanswered_is_ours(tmp_path):
+    """A create whose answer was lost (a connection reset after the store wrote it; the client
+    retries, and the retry's condition fails on our own lease) must not refuse our own run, and a
+    renewal that finds its own token after a failed swap keeps the lease."""
+    from jobs.lease import JobLease
+
+    lease = JobLease(str(tmp_path / "job"))
+    assert lease._swap(lease._doc(), None)  # the write that landed; its answer "lost"
+    try:
+        assert lease.acquire("job") is lease  # before the fix: JobBusy, naming our own pid
+        lease.version = "stale"  # as after a retried renewal whose first try landed
+        assert lease.renew() and not lease.lost.is_set()
+    finally:
+        lease.release()
