@@ -36,19 +36,42 @@ EXCLUDES = [
 ]
 # Exit status of `veil submit --wait` by final Ray status (FAILED passes the driver's own code on).
 EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 3}
-# Ray's monitor of an ended job notices that its supervisor actor is gone a second or two after the end,
-# then reads the job's status by submission id: if a new job of the same id exists by then, it marks
-# that one FAILED ("Job supervisor actor died", seen with Ray 2.60 on a resume right after a stop). So
-# an id is reused only this long after its job ended.
-REUSE_AFTER_S = 5.0
+# Each attempt of a job is its own Ray job: `veil-<ID>`, then `veil-<ID>-2`, `veil-<ID>-3`... A reused
+# id raced Ray's monitor of the ended job: it notices the supervisor actor gone a moment after the
+# end, reads the status by submission id and, finding the new attempt there, marks it FAILED ("Job
+# supervisor actor died", Ray 2.60, a resume right after a stop on a loaded machine). Own ids also
+# keep every attempt's logs.
 
 
 class RayJobNotFound(LookupError):
     """No Ray job with the submission id `veil-<JOB_ID>` on that cluster."""
 
 
-def submission_id(job_id: str) -> str:
-    return SUBMISSION_PREFIX + job_id
+def submission_id(job_id: str, attempt: int = 1) -> str:
+    return SUBMISSION_PREFIX + job_id + (f"-{attempt}" if attempt > 1 else "")
+
+
+def submissions(client, job_id: str) -> list:
+    """The cluster's Ray jobs of a veil job, oldest attempt first (JobDetails with .submission_id)."""
+    first = submission_id(job_id)
+    found = [info for info in client.list_jobs()
+             if (info.metadata or {}).get("veil_job_id") == job_id or info.submission_id == first]
+    return sorted(found, key=lambda info: (_attempt(info), info.start_time or 0))
+
+
+def _attempt(info) -> int:
+    try:
+        return int((info.metadata or {}).get("veil_attempt", 1))
+    except ValueError:
+        return 1
+
+
+def latest_submission(client, job_id: str):
+    """The JobDetails of the job's latest attempt on the cluster; RayJobNotFound when it has none."""
+    found = submissions(client, job_id)
+    if not found:
+        raise RayJobNotFound(f"no Ray job {submission_id(job_id)} (or a later attempt of it)")
+    return found[-1]
 
 
 def _client(address: str | None):
@@ -155,36 +178,30 @@ def entrypoint(run_args: list[str]) -> str:
 
 
 def submit(address: str | None, command: list[str], job_id: str | None = None, pip: bool = False,
-           pip_extra: str | None = "gpu", env_vars: dict[str, str] | None = None) -> str:
-    """Submit `run ...` to the cluster; returns the job id. A finished Ray job of the same id is
-    replaced (re-running a job id resumes it); a running one is refused."""
+           pip_extra: str | None = "gpu", env_vars: dict[str, str] | None = None) -> tuple[str, str]:
+    """Submit `run ...` to the cluster; returns (job id, submission id). Submitting a job id again
+    resumes it as the next attempt, a new Ray job; while an attempt still runs it is refused."""
     from ray.job_submission import JobStatus
 
     run_args, job_id, output = prepare_run(command, job_id)
     if is_local(output):
         print(f"note: {output} is a path on the cluster's nodes, not on this machine", file=sys.stderr)
     client = _client(address)
-    sid = submission_id(job_id)
-    try:
-        previous = client.get_job_status(sid)
-    except RuntimeError:  # not found
-        previous = None
-    if previous is not None:
-        if not JobStatus(previous).is_terminal():
-            raise SpecError(f"job-id: {job_id} is already {previous} on this cluster (veil cancel {job_id} ...)")
-        ended_ms = client.get_job_info(sid).end_time
-        wait = REUSE_AFTER_S - (time.time() - ended_ms / 1000 if ended_ms else 0.0)
-        if wait > 0:
-            time.sleep(min(wait, REUSE_AFTER_S))
-        client.delete_job(sid)  # Ray refuses a submission id twice; the job's output stays as it is
+    earlier = retry_no_agent(lambda: submissions(client, job_id))
+    for info in earlier:
+        if not JobStatus(info.status).is_terminal():
+            raise SpecError(f"job-id: {job_id} is already {JobStatus(info.status).value} on this cluster as "
+                            f"{info.submission_id} (veil cancel {job_id} ...)")
+    attempt = max((_attempt(info) for info in earlier), default=0) + 1
+    sid = submission_id(job_id, attempt)
     env = runtime_env(pip, pip_extra, env_vars)
     retry_no_agent(lambda: client.submit_job(  # a head's first seconds: no job agent yet
         entrypoint=entrypoint(run_args),
         submission_id=sid,
         runtime_env=env,
-        metadata={"veil_job_id": job_id, "veil_output": output},
+        metadata={"veil_job_id": job_id, "veil_output": output, "veil_attempt": str(attempt)},
     ))
-    return job_id
+    return job_id, sid
 
 
 def _iso(ms: int | None) -> str | None:
@@ -194,14 +211,13 @@ def _iso(ms: int | None) -> str | None:
 def ray_job_info(address: str, job_id: str) -> dict:
     """The Ray side of a submitted job: status (PENDING, RUNNING, STOPPED, SUCCEEDED, FAILED), message,
     submission id, start/end times (ISO, UTC). Raises RayJobNotFound when the cluster has no such job."""
-    client = _client(address)
-    sid = submission_id(job_id)
     try:
-        info = client.get_job_info(sid)
-    except RuntimeError as exc:
-        raise RayJobNotFound(f"no Ray job {sid} at {address}: {exc}") from None
+        info = latest_submission(_client(address), job_id)
+    except RayJobNotFound as exc:
+        raise RayJobNotFound(f"{exc} at {address}") from None
     return {
-        "submission_id": sid,
+        "submission_id": info.submission_id,
+        "attempt": _attempt(info),
         "ray_job_id": info.job_id,
         "status": str(info.status.value if hasattr(info.status, "value") else info.status),
         "message": info.message,
@@ -225,10 +241,11 @@ def _wait_terminal(client, sid: str, timeout: float) -> str:
 
 
 def follow(address: str | None, job_id: str, out=None) -> int:
-    """Print the job's logs as they come until it ends; returns its exit status (see EXIT_CODES)."""
+    """Print the logs of the job's latest attempt as they come until it ends; returns its exit status
+    (see EXIT_CODES)."""
     out = out or sys.stdout
     client = _client(address)
-    sid = submission_id(job_id)
+    sid = latest_submission(client, job_id).submission_id
     printed = 0
 
     async def tail() -> None:
@@ -271,12 +288,12 @@ def cancel(address: str | None, job_id: str, output: str | None = None, storage_
     """Stop the Ray job, wait until its driver is gone (so it cannot overwrite job.json afterwards),
     then mark job.json cancelled. Returns 0 when cancelled, 1 when there was nothing to cancel."""
     client = _client(address)
-    sid = submission_id(job_id)
     try:
-        info = client.get_job_info(sid)
-    except RuntimeError:
-        print(f"veil cancel: no Ray job {sid} at {address}", file=sys.stderr)
+        info = latest_submission(client, job_id)
+    except RayJobNotFound as exc:
+        print(f"veil cancel: {exc} at {address}", file=sys.stderr)
         return 1
+    sid = info.submission_id
     output = output or (info.metadata or {}).get("veil_output")
     if not output:
         raise SpecError("output: give --output, the job's OUTPUT")
@@ -321,12 +338,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def _submit_and_follow(args: argparse.Namespace) -> int:
     extra = None if args.pip_extra == "none" else args.pip_extra
-    job_id = submit(args.address, args.run_command, args.job_id, args.pip, extra, dict(args.env or []))
-    print(f"submission id: {submission_id(job_id)}")
+    job_id, sid = submit(args.address, args.run_command, args.job_id, args.pip, extra, dict(args.env or []))
+    print(f"submission id: {sid}")
     print(f"job id: {job_id}")
     if not args.wait:
         addr = f" --address {args.address}" if args.address else ""
-        print(f"follow: ray job logs -f {submission_id(job_id)}{addr}")
+        print(f"follow: ray job logs -f {sid}{addr}")
         print(f"cancel: veil cancel {job_id}{addr}")
         return 0
     try:

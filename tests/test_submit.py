@@ -53,13 +53,16 @@ def test_submit_wait_status_and_cancel(ray_head, s3_endpoint, s3fs_client, photo
     info = ray_job_info(ray_head, "sub1")
     assert info["status"] == "SUCCEEDED" and info["submission_id"] == "veil-sub1"
     assert info["start_time"] and info["end_time"] and info["start_time"] <= info["end_time"]
-    assert info["metadata"] == {"veil_job_id": "sub1", "veil_output": "s3://sub-anon/"}
+    assert info["metadata"] == {"veil_job_id": "sub1", "veil_output": "s3://sub-anon/", "veil_attempt": "1"}
 
-    # the same job id again (a resume): Ray's finished record is replaced, the job runs and ends done
+    # the same job id again (a resume): its next attempt, a Ray job of its own; the first one's record stays
     rc = main(["submit", "--address", ray_head, "--wait", "--", "run", "s3://sub-raw/small/", "s3://sub-anon/",
                "--job-id", "sub1", *common])
-    assert rc == 0 and "job sub1: done" in capsys.readouterr().out
-    assert ray_job_info(ray_head, "sub1")["start_time"] >= info["start_time"]
+    out = capsys.readouterr().out
+    assert rc == 0 and "job sub1: done" in out and "submission id: veil-sub1-2" in out
+    again = ray_job_info(ray_head, "sub1")
+    assert again["submission_id"] == "veil-sub1-2" and again["attempt"] == 2 and again["status"] == "SUCCEEDED"
+    assert again["start_time"] >= info["start_time"]
 
     # 2. a job cancelled while it runs: Ray stops it, job.json says cancelled and stays so
     rc = main(["submit", "--address", ray_head, "--", "run", "s3://sub-raw/many/", "s3://sub-anon/",

@@ -5,14 +5,14 @@ as `veil submit` submits them, then followed and settled through the storage.
     STORAGE/jobs/<id>/ray.json        the latest submission: attempt, submission id, state, who approved
     STORAGE/jobs/<id>/settled-<n>     created once, exclusively, by whoever settles attempt n
 
-Why the Jobs API (`jobs.submit.submit`: submission id `veil-<id>`, this code shipped as working_dir)
-rather than a Ray task calling `jobs.run.run_job` from the server: the job's driver then lives on the
-cluster, not in the replica, so a replica that stops (a deploy, a crash, a scale-down) takes no job
-with it and any replica can follow the job from the storage; and the job is an ordinary `veil run
-UPLOADS STORAGE/jobs --job-id ID --approve ...`, so `ray job logs veil-<id>`, `veil cancel <id>` and
-`veil status <id> --output STORAGE/jobs` work on it. A Ray task would need a Ray driver connection in
-every replica (`ray.init` inside a web server) and would die with that connection. The address is
-the dashboard's (`http://head:8265`), as for `veil submit`.
+Why the Jobs API (`jobs.submit.submit`: submission id `veil-<id>`, `veil-<id>-<n>` for attempt n > 1,
+this code shipped as working_dir) rather than a Ray task calling `jobs.run.run_job` from the server: the
+job's driver then lives on the cluster, not in the replica, so a replica that stops (a deploy, a crash,
+a scale-down) takes no job with it and any replica can follow the job from the storage; and the job is
+an ordinary `veil run UPLOADS STORAGE/jobs --job-id ID --approve ...`, so `ray job logs veil-<id>`,
+`veil cancel <id>` and `veil status <id> --output STORAGE/jobs` work on it. A Ray task would need a Ray
+driver connection in every replica (`ray.init` inside a web server) and would die with that connection.
+The address is the dashboard's (`http://head:8265`), as for `veil submit`.
 
 The job writes job.json, the manifest and the outputs under STORAGE/jobs/<id>/ as `veil run` does
 (run_job rewrites job.json without the service's part, hence service.json). Nothing is reported
@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 from jobs.api.recovery import claim
 from jobs.job_store import JobNotFound
 from jobs.report import JobReport, now_iso
-from jobs.submit import submission_id
+from jobs.submit import RayJobNotFound, latest_submission
 from operators.storage import filesystem, join, read_bytes, write_atomic
 
 if TYPE_CHECKING:
@@ -132,12 +132,13 @@ class RayJobs:
         earlier = self.record(job_id) or {}
         # written before the submission: a replica that stops right after it leaves a record that
         # lets another one recognise the Ray job as this attempt
-        record = {"attempt": int(earlier.get("attempt", 0)) + 1, "submission_id": submission_id(job_id),
+        record = {"attempt": int(earlier.get("attempt", 0)) + 1, "submission_id": None,
                   "address": self.address, "state": "submitting", "at": now_iso(),
                   "approved_by": doc.get("approved_by") or earlier.get("approved_by")}
         self._write(job_id, record)
         try:
-            submit(self.address, run_command(self.jobs.spec(doc), self.jobs.service.config), job_id=job_id)
+            command = run_command(self.jobs.spec(doc), self.jobs.service.config)
+            _, record["submission_id"] = submit(self.address, command, job_id=job_id)
         except (Exception, SystemExit) as exc:  # SystemExit: argparse refusing a flag of ours
             log.warning("job %s: not submitted to %s: %s", job_id, self.address, exc)
             record["state"] = "refused"
@@ -182,7 +183,7 @@ class RayJobs:
         """A job.json still queued/processing whose driver is gone is ended here, as Ray saw it end."""
         if record["state"] == "submitting" and _age_s(record["at"]) < 600:
             return doc  # being submitted (Ray may still hold the last attempt), or its replica stopped a moment ago
-        info = self._info(doc["job_id"])
+        info = self._info(doc["job_id"], record.get("submission_id"))
         if info is UNKNOWN or (info is not None and not info.status.is_terminal()):
             return doc
         doc = self.jobs.load(doc["job_id"])  # the driver's last write came before Ray saw it end
@@ -193,8 +194,9 @@ class RayJobs:
         self.jobs.report(doc).set(status, why.format(message=message[:1000]), finished_at=now_iso())
         return doc
 
-    def _info(self, job_id: str):
-        """Ray's JobDetails of the job; None when the cluster has no such job; UNKNOWN when it did not answer."""
+    def _info(self, job_id: str, sid: str | None):
+        """Ray's JobDetails of the attempt `sid` (None: the job's latest); None when the cluster has no
+        such job; UNKNOWN when it did not answer."""
         try:
             with self._client_lock:
                 if self._client is None:
@@ -202,7 +204,9 @@ class RayJobs:
 
                     self._client = JobSubmissionClient(self.address)
                 client = self._client
-            return client.get_job_info(submission_id(job_id))
+            return client.get_job_info(sid) if sid else latest_submission(client, job_id)
+        except RayJobNotFound:
+            return None
         except RuntimeError as exc:
             if "status code 404" in str(exc):
                 return None
