@@ -31,6 +31,11 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def iso(ts: float) -> str:
+    """A POSIX time as ISO 8601, UTC, to the second (the form now_iso writes)."""
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
+
+
 @dataclass
 class Totals:
     """Counters over the stats rows the writer streams back; constant size, whatever the job."""

@@ -39,7 +39,7 @@ FACES_PER_PHOTO = 25
 
 def calibration_images() -> list[np.ndarray]:
     """RGB uint8 photos, each twice: as published, then with LFW faces pasted (fixed seed)."""
-    from models.fetch import WeightsError, pypi_members
+    from models.download import WeightsError, pypi_members
 
     names = [f"skimage/data/{n}" for n in CALIBRATION_PHOTOS + ["lfw_subset.npy"]]
     files, wheel_sha = pypi_members(CALIBRATION_WHEEL, names, CALIBRATION_PLATFORM)

@@ -23,7 +23,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 
 import numpy as np
 from fastapi import Request
@@ -39,7 +38,7 @@ from jobs.api.processor import ImageProcessor, Processed
 from jobs.api.ratelimit import AuthThrottle, RateLimiter
 from jobs.api.tasks import DEFAULT_STORAGE, FILE_NAMES, OUTPUTS, TaskNotFound, TaskStore, public
 from jobs.api.uploads import UploadTooLarge, read_capped  # re-exported: the routers take them from here
-from jobs.report import now_iso
+from jobs.report import iso, now_iso  # iso re-exported: the routers take it from here
 from jobs.spec import JobSpec
 from jobs.webhook import post_report
 from operators.codecs import encode
@@ -81,10 +80,6 @@ class ServiceConfig:
 
 class Busy(Exception):
     pass
-
-
-def iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
 
 
 class Service:

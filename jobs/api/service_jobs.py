@@ -44,13 +44,12 @@ from jobs.api.auth import ApiKey
 from jobs.api.credits import InsufficientCredits
 from jobs.api.pool import BACKGROUND
 from jobs.api.ray_jobs import RayJobs
-from jobs.api.service import iso
 from jobs.api.tasks import TASK_ID
 from jobs.job_store import JobBusy, JobNotFound, delete_job, syntonym_report
 from jobs.pipeline import PREPARE_BATCH, archive_options
 from jobs.pricing import load_pricing
 from jobs.quote import quote_items
-from jobs.report import JobReport, Totals, now_iso, try_load_report
+from jobs.report import JobReport, Totals, iso, now_iso, try_load_report
 from jobs.run import finish
 from jobs.spec import JobSpec, build_spec
 from jobs.webhook import post_report
