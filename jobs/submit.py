@@ -3,6 +3,10 @@
     veil submit --address http://HEAD:8265 [--wait] [--job-id ID] -- run INPUT... OUTPUT [options]
     veil cancel JOB_ID --address http://HEAD:8265 [--output OUTPUT]
 
+(the commands are in jobs/cli/submit.py; this module is what they, and `veil serve --ray-address`
+through jobs/api/ray_jobs.py, call). The job travels as its whole JobSpec in JSON: the driver runs
+`python -m jobs.cli run --job-id ID --spec-json '{...}'`.
+
 The job's code travels with the submission (runtime_env working_dir = this repository, or the three
 packages when veil is installed from a wheel); its Python packages come from the cluster's image, or
 from `--pip` (a virtualenv per node, built from veil's own requirements). The Ray submission id is
@@ -11,7 +15,6 @@ from `--pip` (a virtualenv per node, built from veil's own requirements). The Ra
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import shlex
@@ -23,10 +26,14 @@ from pathlib import Path
 
 from jobs.ray_client import retry_no_agent
 from jobs.report import load_report, now_iso
-from jobs.spec import SpecError, build_spec, new_job_id
+from jobs.spec import JobSpec, SpecError
 from operators.storage import is_local, join, write_atomic
 
 SUBMISSION_PREFIX = "veil-"
+# `veil run` options that are not JobSpec fields: how the job runs, not what it makes
+RUN_CONTROLS = ("approve", "auto_approve_below", "retry_failed", "allow_spec_change")
+# JobSpec fields excluded from its dumps (job.json never holds them) that the driver still needs
+SECRET_FIELDS = ("archive_password", "web_auth_header_value")
 PACKAGES = ("jobs", "operators", "models")
 # Not needed on the cluster, and some are large: the zip Ray uploads stays a few hundred KiB.
 EXCLUDES = [
@@ -130,60 +137,48 @@ def runtime_env(pip: bool = False, pip_extra: str | None = "gpu", env_vars: dict
 # --- the run command that becomes the entrypoint ---------------------------------------------------
 
 
-def _run_args_job_id(run_args: list[str]) -> str | None:
-    for i, arg in enumerate(run_args):
-        if arg in ("--job-id", "--job_id") and i + 1 < len(run_args):
-            return run_args[i + 1]
-        for flag in ("--job-id=", "--job_id="):
-            if arg.startswith(flag):
-                return arg[len(flag):]
-    return None
+def spec_json(spec: JobSpec) -> str:
+    """The whole spec as `veil run --spec-json` reads it back: every field, the secrets that job.json
+    leaves out included (the archive password, the webhook header value), so no option is lost on
+    the way to the cluster, whether the command line has a flag for it or not."""
+    fields = spec.model_dump(mode="json", exclude_defaults=True)
+    fields.update(job_id=spec.job_id, inputs=spec.inputs, output=spec.output)
+    for name in SECRET_FIELDS:
+        if getattr(spec, name) is not None:
+            fields[name] = getattr(spec, name)
+    return json.dumps(fields, separators=(",", ":"), sort_keys=True)
 
 
-def prepare_run(command: list[str], job_id: str | None) -> tuple[list[str], str, str]:
-    """(run arguments with --job-id, job id, output) from `run INPUT... OUTPUT [options]`.
+def entrypoint(spec: JobSpec, controls: dict | None = None) -> str:
+    """`python -m jobs.cli run --job-id ID --spec-json '{...}' [run controls]`: the job's driver.
 
-    The arguments are parsed and validated here, with `veil run`'s own parser and JobSpec, so a bad
-    option is refused before anything reaches the cluster."""
-    from jobs.cli import build_parser, spec_fields
-
-    if command[:1] == ["--"]:
-        command = command[1:]
-    if command[:1] != ["run"]:
-        raise SpecError("give the command to run after --, e.g. veil submit --address URL -- run INPUT... OUTPUT")
-    run_args = command[1:]
-    given = _run_args_job_id(run_args)
-    if given and job_id and given != job_id:
-        raise SpecError(f"--job-id: {job_id!r} for submit but {given!r} for run")
-    job_id = given or job_id or new_job_id()
-    if not given:
-        run_args = [*run_args, "--job-id", job_id]
-    args = build_parser().parse_args(["run", *run_args])
-    if len(args.paths) < 2:
-        raise SpecError("run: give at least one INPUT and the OUTPUT")
-    try:
-        spec = build_spec(spec_fields(args, args.paths[:-1], args.paths[-1]))
-    except OSError as exc:  # --spec FILE missing here
-        raise SpecError(f"spec: {exc}") from None
-    return run_args, spec.job_id, spec.output
-
-
-def entrypoint(run_args: list[str]) -> str:
+    `controls` are `veil run`'s options that are not spec fields (approve, auto_approve_below,
+    retry_failed, allow_spec_change): True becomes the bare flag, None/False nothing."""
     # `python -m` rather than the `veil` script: the working_dir copy of the code is first on sys.path,
     # and the script may not exist where veil is not installed (--pip).
-    return shlex.join(["python", "-m", "jobs.cli", "run", *run_args])
+    args = ["python", "-m", "jobs.cli", "run", "--job-id", spec.job_id, "--spec-json", spec_json(spec)]
+    for name, value in (controls or {}).items():
+        if name not in RUN_CONTROLS:
+            raise ValueError(f"not a run control: {name!r} (spec fields go in the spec)")
+        if value is True:
+            args.append("--" + name.replace("_", "-"))
+        elif value is not None and value is not False:
+            args += ["--" + name.replace("_", "-"), str(value)]
+    return shlex.join(args)
 
 
 # --- submit, follow, inspect, cancel ---------------------------------------------------------------
 
 
-def submit(address: str | None, command: list[str], job_id: str | None = None, pip: bool = False,
+def submit(address: str | None, spec: JobSpec, controls: dict | None = None, pip: bool = False,
            pip_extra: str | None = "gpu", env_vars: dict[str, str] | None = None) -> tuple[str, str]:
-    """Submit `run ...` to the cluster; returns (job id, submission id). Submitting a job id again
-    resumes it as the next attempt, a new Ray job; while an attempt still runs it is refused."""
+    """Submit the job `spec` (`veil run` with the run `controls`, see entrypoint) to the cluster;
+    returns (job id, submission id). Submitting a job id again resumes it as the next attempt, a
+    new Ray job; while an attempt still runs it is refused."""
     from ray.job_submission import JobStatus
 
-    run_args, job_id, output = prepare_run(command, job_id)
+    job_id, output = spec.job_id, spec.output
+    command = entrypoint(spec, controls)
     if is_local(output):
         print(f"note: {output} is a path on the cluster's nodes, not on this machine", file=sys.stderr)
     client = _client(address)
@@ -196,7 +191,7 @@ def submit(address: str | None, command: list[str], job_id: str | None = None, p
     sid = submission_id(job_id, attempt)
     env = runtime_env(pip, pip_extra, env_vars)
     retry_no_agent(lambda: client.submit_job(  # a head's first seconds: no job agent yet
-        entrypoint=entrypoint(run_args),
+        entrypoint=command,
         submission_id=sid,
         runtime_env=env,
         metadata={"veil_job_id": job_id, "veil_output": output, "veil_attempt": str(attempt)},
@@ -309,88 +304,3 @@ def cancel(address: str | None, job_id: str, output: str | None = None, storage_
     mark_cancelled(join(output, job_id), job_id, f"cancelled: Ray job {sid} stopped ({status})", storage_options)
     print(f"job {job_id}: cancelled (Ray job {sid}: {status})")
     return 0
-
-
-# --- command line ----------------------------------------------------------------------------------
-
-
-def _env_var(text: str) -> tuple[str, str]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"--env takes KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    return key, value
-
-
-def _cluster_errors() -> tuple[type[BaseException], ...]:
-    from ray.exceptions import AuthenticationError
-
-    # unreachable, refused by Ray (RuntimeError), or a cluster with token auth and no token here
-    return ConnectionError, RuntimeError, AuthenticationError
-
-
-def cmd_submit(args: argparse.Namespace) -> int:
-    try:
-        return _submit_and_follow(args)
-    except _cluster_errors() as exc:
-        print(f"veil submit: {exc}", file=sys.stderr)
-        return 1
-
-
-def _submit_and_follow(args: argparse.Namespace) -> int:
-    extra = None if args.pip_extra == "none" else args.pip_extra
-    job_id, sid = submit(args.address, args.run_command, args.job_id, args.pip, extra, dict(args.env or []))
-    print(f"submission id: {sid}")
-    print(f"job id: {job_id}")
-    if not args.wait:
-        addr = f" --address {args.address}" if args.address else ""
-        print(f"follow: ray job logs -f {sid}{addr}")
-        print(f"cancel: veil cancel {job_id}{addr}")
-        return 0
-    try:
-        return follow(args.address, job_id)
-    except KeyboardInterrupt:  # stop following, not the job
-        print(f"\nstopped following; the job goes on (veil cancel {job_id} to stop it)", file=sys.stderr)
-        return 130
-
-
-def cmd_cancel(args: argparse.Namespace) -> int:
-    try:
-        return cancel(args.address, args.job_id, args.output, dict(args.storage_option or []))
-    except _cluster_errors() as exc:
-        print(f"veil cancel: {exc}", file=sys.stderr)
-        return 1
-
-
-def add_submit_commands(sub) -> None:
-    """Register `submit` and `cancel` on the `veil` subparsers."""
-    from jobs.cli import _opt, _storage_option
-
-    address_help = ("the cluster's dashboard, e.g. http://head:8265 "
-                    "(default: RAY_API_SERVER_ADDRESS or RAY_ADDRESS)")
-    p = sub.add_parser("submit", help="run a job on a remote Ray cluster (Ray Jobs API)",
-                       usage="veil submit --address URL [--wait] [--job-id ID] -- run INPUT... OUTPUT [options]")
-    p.add_argument("--address", help=address_help)
-    p.add_argument("--wait", action="store_true",
-                   help="follow the logs until the job ends; exit 0 succeeded, 1 failed (or the job's own "
-                        "code, e.g. 2 for refused options), 3 stopped")
-    _opt(p, "--job-id", help="job id (default: the run's --job-id, else generated); Ray submission id veil-ID")
-    p.add_argument("--pip", action=argparse.BooleanOptionalAction, default=False,
-                   help="install veil's Python requirements in a virtualenv on each node (default: no, "
-                        "the cluster's image has them, see cluster/Dockerfile)")
-    _opt(p, "--pip-extra", choices=["cpu", "gpu", "none"], default="gpu",
-         help="with --pip: which ONNX Runtime (default gpu, which also runs on CPU)")
-    p.add_argument("--env", type=_env_var, action="append", metavar="KEY=VALUE",
-                   help="environment variable for the job's processes (repeatable)")
-    # not `command`: the subparsers already store the subcommand's name there
-    p.add_argument("run_command", nargs=argparse.REMAINDER, metavar="-- run ...",
-                   help="-- run INPUT... OUTPUT [veil run options]")
-    p.set_defaults(func=cmd_submit)
-
-    c = sub.add_parser("cancel", help="stop a submitted job and mark its job.json cancelled")
-    c.add_argument("job_id", help="the job id (Ray submission id veil-JOB_ID)")
-    c.add_argument("--address", help=address_help)
-    c.add_argument("--output", help="the job's OUTPUT (default: the one it was submitted with)")
-    _opt(c, "--storage-option", type=_storage_option, action="append", dest="storage_option",
-         metavar="KEY=VALUE", help="fsspec option for a remote OUTPUT, e.g. endpoint_url=http://127.0.0.1:9000")
-    c.set_defaults(func=cmd_cancel)
-

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -18,13 +19,13 @@ import httpx
 import serve_helpers
 from serve_helpers import face_and_rest_diff, free_port, running, signin, wait_done, wait_for, write_users, zip_of
 
-from jobs.api.ray_jobs import run_command
+from jobs.api.ray_jobs import service_spec
 from jobs.api.service import ServiceConfig
 from jobs.api.syntonym import ModelConfig, spec_fields
 from jobs.cli import build_parser
 from jobs.cli import spec_fields as cli_fields
 from jobs.spec import build_spec
-from jobs.submit import prepare_run, ray_job_info
+from jobs.submit import entrypoint, ray_job_info
 from operators.manifest import read_table
 from operators.resume import latest_rows
 
@@ -195,17 +196,17 @@ def test_unreachable_cluster_leaves_the_job_failed_and_its_reservation_kept(tmp_
         assert hooks[0]["body"]["job_status"] == "failed"
 
 
-def test_run_command_makes_the_same_spec_through_veil_submits_parser():
+def test_the_submitted_command_makes_the_same_spec_through_veil_runs_parser():
     fields = spec_fields("blur", ModelConfig(enable_lp=True, blur_threshold=0.3, slicing=True, mask_blur=0.5))
     options = {"endpoint_url": "http://127.0.0.1:9000", "key": "k", "client_kwargs": {"region_name": "us-east-1"},
                "anon": False}
     spec = build_spec({**fields, "inputs": ["s3://b/uploads/j"], "output": "s3://b/jobs", "job_id": "a" * 32,
                        "storage_options": options})
-    command = run_command(spec, ServiceConfig(max_pixels=10**6))
-    run_args, job_id, output = prepare_run(command, spec.job_id)  # what `veil submit` sends, checked as it checks
-    assert (job_id, output) == (spec.job_id, "s3://b/jobs") and "--approve" in run_args
-    args = build_parser().parse_args(["run", *run_args])
-    again = build_spec(cli_fields(args, args.paths[:-1], args.paths[-1]))
+    command = shlex.split(entrypoint(service_spec(spec, ServiceConfig(max_pixels=10**6)), {"approve": True}))
+    assert command[:4] == ["python", "-m", "jobs.cli", "run"] and "--approve" in command  # what the driver runs
+    args = build_parser().parse_args(command[3:])
+    assert args.approve and args.job_id == spec.job_id and not args.paths
+    again = build_spec(cli_fields(args))
     assert again.model_dump() == {**spec.model_dump(), "max_pixels": 10**6}  # the service's tighter limit
 
 

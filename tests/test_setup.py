@@ -113,7 +113,7 @@ def test_a_compressed_rar_without_its_tools_names_the_package(tmp_path, shared_d
 
 def test_run_help_is_in_sections_with_units_and_defaults(capsys):
     from jobs.cli import build_parser
-    from jobs.cli_help import GROUPS, _default_text
+    from jobs.cli.help import GROUPS, _default_text
     from jobs.spec import JobSpec
 
     parser = build_parser()

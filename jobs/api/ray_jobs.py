@@ -9,7 +9,7 @@ Why the Jobs API (`jobs.submit.submit`: submission id `veil-<id>`, `veil-<id>-<n
 this code shipped as working_dir) rather than a Ray task calling `jobs.run.run_job` from the server: the
 job's driver then lives on the cluster, not in the replica, so a replica that stops (a deploy, a crash,
 a scale-down) takes no job with it and any replica can follow the job from the storage; and the job is
-an ordinary `veil run UPLOADS STORAGE/jobs --job-id ID --approve ...`, so `ray job logs veil-<id>`,
+an ordinary `veil run --job-id ID --spec-json '{...}' --approve` (the whole JobSpec), so `ray job logs veil-<id>`,
 `veil cancel <id>` and `veil status <id> --output STORAGE/jobs` work on it. A Ray task would need a Ray
 driver connection in every replica (`ray.init` inside a web server) and would die with that connection.
 The address is the dashboard's (`http://head:8265`), as for `veil submit`.
@@ -61,29 +61,15 @@ DRIVER_GONE = {
 }
 
 
-def run_command(spec: JobSpec, config: ServiceConfig) -> list[str]:
-    """`run INPUT OUTPUT --job-id ID --approve [flags]`: the `veil run` that makes the same job as
-    the service's spec. Every field that differs from the default becomes its own flag (each JobSpec
-    field has one); the storage options become --storage-option (JSON values, which `veil run`
-    reads back as YAML). The service's tighter image-size limit and its pricing file go with it,
-    so the items are priced as the quote was."""
+def service_spec(spec: JobSpec, config: ServiceConfig) -> JobSpec:
+    """The spec the cluster runs for a service job: the service's tighter image-size limit and its
+    pricing file go with it, so the items are priced as the quote was. It travels whole, as JSON
+    (jobs.submit.entrypoint), so every JobSpec field reaches the driver, whether `veil run` has a
+    flag for it or not."""
     spec = spec.model_copy(update={"max_pixels": min(spec.max_pixels, config.max_pixels)})
     if config.pricing:
         spec = spec.model_copy(update={"pricing": os.path.abspath(config.pricing)})  # the driver's cwd is elsewhere
-    args = ["run", *spec.inputs, spec.output, "--job-id", spec.job_id, "--approve"]
-    fields = spec.model_dump(mode="json", exclude_defaults=True,
-                             exclude={"inputs", "output", "job_id", "storage_options"})
-    for name, value in fields.items():
-        flag = "--" + name.replace("_", "-")
-        if value is True:
-            args.append(flag)
-        elif value is False or value is None:
-            continue  # a class flag given as false: not giving it is the same once another class is given
-        else:
-            args += [flag, json.dumps(value) if isinstance(value, (dict, list)) else str(value)]
-    for key, value in spec.storage_options.items():
-        args += ["--storage-option", f"{key}={json.dumps(value)}"]
-    return args
+    return spec
 
 
 class RayJobs:
@@ -137,9 +123,9 @@ class RayJobs:
                   "approved_by": doc.get("approved_by") or earlier.get("approved_by")}
         self._write(job_id, record)
         try:
-            command = run_command(self.jobs.spec(doc), self.jobs.service.config)
-            _, record["submission_id"] = submit(self.address, command, job_id=job_id)
-        except (Exception, SystemExit) as exc:  # SystemExit: argparse refusing a flag of ours
+            spec = service_spec(self.jobs.spec(doc), self.jobs.service.config)
+            _, record["submission_id"] = submit(self.address, spec, {"approve": True})
+        except Exception as exc:
             log.warning("job %s: not submitted to %s: %s", job_id, self.address, exc)
             record["state"] = "refused"
             self._write(job_id, record)

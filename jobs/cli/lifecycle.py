@@ -10,6 +10,7 @@ import argparse
 import json
 import time
 
+from jobs.cli.run import _opt, _storage_option, cancel_on_sigterm, print_outcome, spec_fields
 from jobs.job_store import delete_job, list_jobs, load_job, report_table, status_line, syntonym_report
 
 TERMINAL = ("done", "failed", "cancelled", "deleted", "awaiting_approval")
@@ -20,15 +21,12 @@ def _storage(args: argparse.Namespace) -> dict:
 
 
 def _add_output(p: argparse.ArgumentParser, required: bool = True) -> None:
-    from jobs.cli import _opt, _storage_option
-
     _opt(p, "--output", required=required, help="the output folder/URL the job writes under (OUTPUT/JOB_ID/)")
     _opt(p, "--storage-option", type=_storage_option, action="append", dest="storage_option",
          metavar="KEY=VALUE", help="fsspec option for a remote output, e.g. endpoint_url=http://127.0.0.1:9000")
 
 
 def cmd_quote(args: argparse.Namespace) -> int:
-    from jobs.cli import spec_fields
     from jobs.pipeline import archive_options
     from jobs.pricing import load_pricing
     from jobs.quote import quote_items, quote_text
@@ -59,7 +57,6 @@ def cmd_quote(args: argparse.Namespace) -> int:
 
 
 def cmd_approve(args: argparse.Namespace) -> int:
-    from jobs.cli import cancel_on_sigterm, print_outcome
     from jobs.run import run_job
     from jobs.spec import SpecError, build_spec
 
@@ -150,8 +147,6 @@ def _positive(text: str) -> int:
 
 
 def add_lifecycle_commands(sub, add_job_options) -> None:
-    from jobs.cli import _opt
-
     q = sub.add_parser("quote", help="price a job from image headers, before anything runs")
     q.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders, globs or fsspec URLs")
     add_job_options(q)

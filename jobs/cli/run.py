@@ -1,21 +1,20 @@
-"""The `veil` command line. Options keep the seed APIs' names; `--a-b` and `--a_b` are the same."""
+"""`veil run` and `veil bench`: the job options (shared with `veil quote` and `veil submit -- run ...`;
+`veil bench` takes some of them), the JobSpec they make, and the commands. Options keep the seed
+APIs' names; `--a-b` and `--a_b` are the same."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import signal
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
 
-from jobs.cli_help import sectioned
-from jobs.job_store import JobBusy, JobNotFound
-from jobs.pricing import PricingError
-from jobs.spec import CPU_BACKEND_HELP, CPU_BACKENDS, SpecError, build_spec
-from operators.sources import InputError
+from jobs.cli.help import sectioned
+from jobs.spec import CPU_BACKEND_HELP, CPU_BACKENDS, JobSpec, SpecError, build_spec
+from jobs.submit import RUN_CONTROLS
 
 
 def _opt(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
@@ -34,6 +33,9 @@ def _storage_option(text: str) -> tuple[str, object]:
 def _add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--job-id", help="job id (default: generated, e.g. 20261125-101500-a1b2c3)")
     p.add_argument("--spec", type=Path, help="YAML/JSON file with job options; flags override it")
+    p.add_argument("--spec-json", type=json.loads, metavar="JSON",
+                   help="job options as one JSON object, over --spec's; flags override it (how `veil submit` "
+                        "and `veil serve --ray-address` send a job to the cluster)")
     for cls in ("face", "license-plate", "person", "vehicle"):
         _opt(p, f"--{cls}", action="store_true", default=None,
              help=f"anonymize {cls.replace('-', ' ')}s (no class flag: faces and license plates)")
@@ -111,7 +113,6 @@ def _add_run_controls(p: argparse.ArgumentParser) -> None:
 PROFILE_HELP = ("detection profile (default balanced): fast = deface's recall at 3x its speed; balanced = more "
                 "faces than deface at every size, plates >= 0.99; thorough = the most recall, whatever it costs "
                 "(models/catalog.yaml, README \"Detection quality\")")
-RUN_CONTROLS = ("approve", "auto_approve_below", "retry_failed", "allow_spec_change")
 BENCH_JOB_OPTIONS = ("profile", "detect_models", "face_threshold", "license_plate_threshold", "person_threshold",
                      "vehicle_threshold", "cpu_backend", "det_max_side", "detect_actors")
 EXIT_AWAITING_APPROVAL = 3  # `veil run` stopped with a quote: not an error, not done either
@@ -137,8 +138,9 @@ def _add_archive_options(p: argparse.ArgumentParser) -> None:
               "higher ones fail TOO_LARGE as likely bombs (default 100)")
 
 
-def spec_fields(args: argparse.Namespace, inputs: list[str], output: str) -> dict:
-    """Spec fields from a spec file (if any) overridden by the flags that were given."""
+def spec_fields(args: argparse.Namespace, inputs: list[str] | None = None, output: str | None = None) -> dict:
+    """Spec fields from a spec file (if any), then --spec-json's (if any), overridden by the paths and
+    the flags that were given."""
     fields: dict = {}
     if getattr(args, "spec", None):
         try:
@@ -148,8 +150,14 @@ def spec_fields(args: argparse.Namespace, inputs: list[str], output: str) -> dic
         if not isinstance(loaded, (dict, type(None))):
             raise SpecError(f"spec: {args.spec} must hold a mapping of options (YAML or JSON)")
         fields.update(loaded or {})
-    fields.update(inputs=inputs, output=output)
-    skip = {"command", "spec", "paths", "inputs", "storage_option", "func", "output", "json", *RUN_CONTROLS}
+    given = getattr(args, "spec_json", None)
+    if given is not None:
+        if not isinstance(given, dict):
+            raise SpecError("spec-json: give one JSON object of job options")
+        fields.update(given)
+    fields.update({k: v for k, v in (("inputs", inputs), ("output", output)) if v is not None})
+    skip = {"command", "spec", "spec_json", "paths", "inputs", "storage_option", "func", "output", "json",
+            *RUN_CONTROLS}
     for key, value in vars(args).items():
         if key not in skip and value is not None:
             fields[key] = value
@@ -162,10 +170,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from jobs.progress import quiet_ray
     from jobs.run import run_job
 
-    if len(args.paths) < 2:
-        print("veil run: give at least one INPUT and the OUTPUT", file=sys.stderr)
-        return 2
-    spec = build_spec(spec_fields(args, args.paths[:-1], args.paths[-1]))
+    spec = run_spec(args)
     print(f"job id: {spec.job_id}")
     with cancel_on_sigterm(), quiet_ray():
         doc = run_job(spec, approve=args.approve, auto_approve_below=args.auto_approve_below,
@@ -215,114 +220,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from jobs.demo import run_demo
-    from jobs.progress import quiet_ray
-
-    with quiet_ray():
-        return run_demo(args.output)
-
-
-def cmd_models(args: argparse.Namespace) -> int:
-    from models.catalog import load_catalog, load_profiles
-    from models.fetch import fetch_weights, prepared_weights
-
-    catalog = load_catalog(args.models)
-    names = args.names or sorted(catalog)
-    for name in names:
-        if name not in catalog:
-            print(f"unknown model {name!r}; known: {sorted(catalog)}", file=sys.stderr)
-            return 2
-        entry = catalog[name]
-        if args.action == "fetch":
-            path = fetch_weights(entry)
-            prepared_weights(entry)
-            print(f"{name}: {path}" + (f" (and its {entry.quantize} copy)" if entry.quantize else ""))
-        else:
-            print(json.dumps({"name": name, "adapter": entry.adapter, "classes": entry.classes,
-                              "license": entry.license, "source": entry.source.model_dump(exclude_none=True),
-                              **({"quantize": entry.quantize} if entry.quantize else {})}))
-    if args.action == "list" and not args.names:
-        for name, profile in load_profiles(args.models).items():
-            print(json.dumps({"profile": name, "description": profile.description,
-                              "classes": {c: {"models": [m.model for m in p.members], "fusion": p.fusion}
-                                          for c, p in profile.classes.items()}}))
-    return 0
-
-
-def _floats(text: str) -> list[float]:
-    return [float(v) for v in text.split(",") if v]
-
-
-def _augmentations(text: str) -> list[str]:
-    from jobs.eval_augment import parse_augmentations
-
-    try:
-        return parse_augmentations(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    """`veil eval SET_DIR`: the pipeline in detect mode over a labelled set, scored (halves A/B,
-    coverage); `--sweep CLASS` picks thresholds on half A; `--augment` scores degraded copies."""
-    from jobs.eval_sweep import format_sweep
-    from jobs.evaluate import evaluate, evaluate_augmented, evaluate_sweep, format_report, header, override_catalog
-
-    classes = [c.replace("-", "_") for c in args.classes.split(",")] if args.classes else None
-    thresholds = {c: getattr(args, f"{c}_threshold") for c in ("face", "license_plate", "person", "vehicle")
-                  if getattr(args, f"{c}_threshold") is not None}
-    sweep = args.sweep.replace("-", "_") if args.sweep else None
-    set_classes = [sweep] if sweep else classes or ["face", "license_plate", "person", "vehicle"]
-    catalog = override_catalog(
-        set_classes,
-        models=args.detect_models.split(",") if args.detect_models else None,
-        scales=_floats(args.scales) if args.scales else None,
-        combine=args.combine, tiling=args.tiling, vehicle_crops=args.vehicle_crops, extra=args.models,
-        ensemble=args.ensemble,
-    )
-    # job spec fields passed through as they are (a new JobSpec option here is one more name)
-    spec_extra = {k: getattr(args, k) for k in ("det_max_side", "batch_size", "detect_actors", "device", "cpu_backend",
-                                                "profile", "detect_models") if getattr(args, k) is not None}
-    settings = {"thresholds": thresholds, "catalog_fields": catalog, **spec_extra}
-    quiet = lambda *_: None  # noqa: E731 - the job's progress lines would bury the report
-    if args.rescore and not sweep:
-        raise SpecError("--rescore sweeps an earlier sweep's detections again: give --sweep CLASS too")
-    if sweep:
-        if args.half or args.augment or classes:
-            raise SpecError("--sweep uses both halves of one class: leave out --half, --augment and --classes")
-        result = evaluate_sweep(args.set_dir, sweep, args.floor, _floats(args.grid) if args.grid else None,
-                                args.target, args.target_all, output=args.json, log=quiet, rescore=args.rescore,
-                                **settings)
-        print(f"set {result['set']}: {header(result)}")
-        print(format_sweep(result["sweep"]))
-    elif args.augment:
-        result = evaluate_augmented(args.set_dir, args.augment, classes, args.json, log=quiet, half=args.half,
-                                    **settings)
-        print(format_report(result))
-    else:
-        result = evaluate(args.set_dir, classes, output=args.json, log=quiet, half=args.half, **settings)
-        print(format_report(result))
-    if args.json:
-        print(f"written: {args.json}")
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="veil", description="Anonymize street-level imagery at scale.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def add_run_command(sub) -> None:
+    """Register `run` on the `veil` subparsers."""
     run = sub.add_parser("run", help="anonymize INPUT... into OUTPUT/JOB_ID/",
                          usage="veil run INPUT... OUTPUT [options]",
                          description="Anonymize INPUT... into OUTPUT/JOB_ID/ (images, manifest, job.json).",
-                         epilog="Every --a-b option may be written --a_b. Options can also come from --spec FILE.")
-    run.add_argument("paths", nargs="+", metavar="INPUT... OUTPUT",
+                         epilog="Every --a-b option may be written --a_b. Options can also come from --spec FILE "
+                                "or --spec-json JSON (then INPUT... OUTPUT may come from there too).")
+    run.add_argument("paths", nargs="*", metavar="INPUT... OUTPUT",
                      help="files, folders, globs or fsspec URLs, then the output folder/URL")
     _add_job_options(run)
     _add_run_controls(run)
     sectioned(run)  # the help in sections, with units and JobSpec's defaults
     run.set_defaults(func=cmd_run)
 
+
+def add_bench_command(sub) -> None:
+    """Register `bench` (the pipeline's throughput on some of `veil run`'s job options)."""
     bench = sub.add_parser("bench", help="throughput: pipeline vs bare loop vs codec floor vs deface, one run")
     bench.add_argument("images_dir", help="a folder of images")
     _opt(bench, "--classes", help="comma-separated classes, e.g. face or face,license-plate,person,vehicle "
@@ -344,81 +258,18 @@ def build_parser() -> argparse.ArgumentParser:
               "detections against (default: IMAGES_DIR/../annotations.json when IMAGES_DIR is a set's images/)")
     bench.set_defaults(func=cmd_bench)
 
-    demo = sub.add_parser("demo", help="run a job on sample photos shipped by installed packages")
-    demo.add_argument("--output", default=None, help="output folder (default ~/.cache/veil/demo/output)")
-    demo.set_defaults(func=cmd_demo)
 
-    models = sub.add_parser("models", help="list the model catalog or fetch weights into the cache")
-    models.add_argument("action", choices=["list", "fetch"])
-    models.add_argument("names", nargs="*", help="model names (default: all)")
-    models.add_argument("--models", help="extra catalog file")
-    models.set_defaults(func=cmd_models)
-
-    ev = sub.add_parser("eval", help="detection recall/precision of the pipeline on a labelled set")
-    ev.add_argument("set_dir", help="a set in the shared eval format (annotations.json + images/)")
-    _opt(ev, "--classes", help="comma-separated classes to score (default: the set's labels)")
-    for cls in ("face", "license-plate", "person", "vehicle"):
-        _opt(ev, f"--{cls}-threshold", type=float, help=f"minimum score for {cls.replace('-', ' ')}s")
-    _opt(ev, "--profile", help=PROFILE_HELP)
-    _opt(ev, "--detect-models", help="comma-separated catalog names to use instead of a profile's")
-    _opt(ev, "--scales", help="resize factors of whole-image passes (tiled for fixed-size models), e.g. 1,2")
-    _opt(ev, "--combine", choices=["mean", "max"], help="merge scale passes by mean score or NMS union")
-    _opt(ev, "--ensemble", choices=["mean", "max"], help="merge several models of a class by mean score or union")
-    _opt(ev, "--tiling", help="auto | off | NxM (tile grid)")
-    _opt(ev, "--vehicle-crops", action=argparse.BooleanOptionalAction, default=None,
-         help="two-stage plates: search upscaled crops around detected vehicles")
-    _opt(ev, "--models", help="extra model catalog file")
-    _opt(ev, "--det-max-side", type=int, help="longer side of the detection copy in px (default 2048)")
-    _opt(ev, "--batch-size", type=int, help="images per detection batch")
-    _opt(ev, "--detect-actors", type=int, help="number of detection actors")
-    _opt(ev, "--device", choices=["auto", "cpu", "cuda"], help="where detection runs")
-    _opt(ev, "--cpu-backend", choices=list(CPU_BACKENDS), help=CPU_BACKEND_HELP)
-    _opt(ev, "--json", help="write the figures to this JSON file")
-    _opt(ev, "--half", choices=["A", "B"],
-         help="score one half only (images sorted by file name: A = even positions, B = odd)")
-    _opt(ev, "--sweep", choices=["face", "license-plate", "person", "vehicle"],
-         help="one run at --floor, then recall/precision/coverage per threshold on halves A and B, and "
-              "size-aware thresholds chosen on A by a rule (--target, --target-all), reported on B")
-    _opt(ev, "--floor", type=float, default=0.02, help="with --sweep: the score the run keeps down to (default 0.02)")
-    _opt(ev, "--grid", help="with --sweep: comma-separated thresholds (default 0.02,0.03,0.05,...,0.7)")
-    _opt(ev, "--target", type=float, default=0.95,
-         help="with --sweep: recall to reach on boxes >= 20 px (default 0.95)")
-    _opt(ev, "--target-all", type=float, default=0.75,
-         help="with --sweep: all-sizes recall the < 20 px threshold keeps (default 0.75)")
-    _opt(ev, "--rescore", metavar="JSON",
-         help="with --sweep: sweep the detections of an earlier --sweep --json report again (other --grid, "
-              "--target, --target-all) instead of running the pipeline")
-    _opt(ev, "--augment", type=_augmentations, metavar="LIST",
-         help="also score degraded copies (temp folder), e.g. blur,motion,dark,jpeg30,down50: recall drop vs clean")
-    ev.set_defaults(func=cmd_eval)
-    from jobs.cli_lifecycle import add_lifecycle_commands
-    from jobs.submit import add_submit_commands
-
-    add_lifecycle_commands(sub, _add_job_options)
-    add_submit_commands(sub)
-    from jobs.api.serve import add_serve_command
-    add_serve_command(sub)
-    return parser
+def parse_run(argv: list[str]) -> argparse.Namespace:
+    """`veil run`'s arguments parsed by its own parser (what `veil submit -- run ...` checks locally)."""
+    parser = argparse.ArgumentParser(prog="veil")
+    add_run_command(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(["run", *argv])
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (SpecError, InputError, PricingError, JobNotFound, JobBusy) as exc:
-        print(f"veil {args.command}: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"veil {args.command}: cancelled", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        from jobs.run import JobFailed  # here: `veil serve` and the lifecycle commands need not import run
-
-        if not isinstance(exc, JobFailed):
-            raise
-        print(f"veil {args.command}: failed: {exc}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def run_spec(args: argparse.Namespace) -> JobSpec:
+    """The JobSpec of parsed `veil run` arguments: INPUT... OUTPUT, or the inputs and output of
+    --spec/--spec-json when no path is given."""
+    paths = args.paths
+    if len(paths) == 1 or (not paths and not (args.spec or args.spec_json)):
+        raise SpecError("give at least one INPUT and the OUTPUT")
+    return build_spec(spec_fields(args, paths[:-1], paths[-1]) if paths else spec_fields(args))
