@@ -267,6 +267,14 @@ def follow(address: str | None, job_id: str, out=None) -> int:
     return code
 
 
+def cluster_errors() -> tuple[type[BaseException], ...]:
+    """What talking to a cluster raises: unreachable, refused by Ray (RuntimeError), or a cluster with
+    token auth and no token here."""
+    from ray.exceptions import AuthenticationError
+
+    return ConnectionError, RuntimeError, AuthenticationError
+
+
 def mark_cancelled(job_root: str, job_id: str, description: str, storage_options: dict | None = None) -> dict:
     """Set OUTPUT/JOB_ID/job.json to `cancelled` (a minimal one when the job never wrote it)."""
     try:

@@ -9,7 +9,7 @@ import sys
 
 from jobs.cli.run import _opt, _storage_option, parse_run, run_spec
 from jobs.spec import JobSpec, SpecError
-from jobs.submit import RUN_CONTROLS, cancel, follow, submit
+from jobs.submit import RUN_CONTROLS, cancel, cluster_errors, follow, submit
 
 
 def submitted_run(command: list[str], job_id: str | None) -> tuple[JobSpec, dict]:
@@ -37,17 +37,10 @@ def _env_var(text: str) -> tuple[str, str]:
     return key, value
 
 
-def _cluster_errors() -> tuple[type[BaseException], ...]:
-    from ray.exceptions import AuthenticationError
-
-    # unreachable, refused by Ray (RuntimeError), or a cluster with token auth and no token here
-    return ConnectionError, RuntimeError, AuthenticationError
-
-
 def cmd_submit(args: argparse.Namespace) -> int:
     try:
         return _submit_and_follow(args)
-    except _cluster_errors() as exc:
+    except cluster_errors() as exc:
         print(f"veil submit: {exc}", file=sys.stderr)
         return 1
 
@@ -73,7 +66,7 @@ def _submit_and_follow(args: argparse.Namespace) -> int:
 def cmd_cancel(args: argparse.Namespace) -> int:
     try:
         return cancel(args.address, args.job_id, args.output, dict(args.storage_option or []))
-    except _cluster_errors() as exc:
+    except cluster_errors() as exc:
         print(f"veil cancel: {exc}", file=sys.stderr)
         return 1
 
