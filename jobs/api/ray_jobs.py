@@ -43,7 +43,7 @@ from jobs.submit import RayJobNotFound, latest_submission
 from operators.storage import filesystem, join, read_bytes, write_atomic
 
 if TYPE_CHECKING:
-    from jobs.api.service import ServiceConfig
+    from jobs.api.config import ServiceConfig
     from jobs.api.service_jobs import ServiceJobs
     from jobs.spec import JobSpec
 

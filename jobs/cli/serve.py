@@ -80,7 +80,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from jobs.api.app import create_app
-    from jobs.api.service import ServiceConfig
+    from jobs.api.config import ServiceConfig
 
     if args.auto_approve_below is not None and not args.auto_approve_below >= 0:
         print(f"veil serve: --auto-approve-below must be a number of credits >= 0 (got {args.auto_approve_below:g})",
