@@ -33,13 +33,14 @@ import pyarrow.parquet as pq
 
 from jobs.evaluate import detections_by_rel_path
 from jobs.spec import build_spec
+from jobs.stage_options import write_options
 from models.fetch import prepared_weights
 from models.runtime import backend_for
 from operators.codecs import decode_full, encode
 from operators.detect import Detector, to_stored_pixels
 from operators.prepare import prepare_item
 from operators.sources import list_sources
-from operators.write import WriteOptions, write_item
+from operators.write import write_item
 
 
 class PeakRss:
@@ -120,8 +121,7 @@ def bench_bare(images_dir: str, fields: dict, out_dir: str) -> dict:
     detector = Detector([(e.model_dump(), prepared_weights(e)) for e in models.values()], classes,
                         spec.detection_profile().model_dump(), backend_for("cpu", spec.cpu_backend),
                         os.cpu_count() or 1)
-    options = WriteOptions(job_id="bare", job_root=str(Path(out_dir) / "bare"), anonymize=spec.anonymize_options(),
-                           quality=spec.quality)
+    options = write_options(spec, str(Path(out_dir) / "bare"), job_id="bare")
     rows = [r for r in list_sources([images_dir]) if r["kind"] == "image"]
     times = []
     for row in rows:

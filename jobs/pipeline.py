@@ -20,15 +20,16 @@ import psutil
 import ray
 
 from jobs.spec import JobSpec, SpecError
+from jobs.stage_options import archive_options, archive_password, write_options  # noqa: F401 (re-exported)
 from models.catalog import ModelEntry
 from models.runtime import backend_for
-from operators.archives import ArchiveOptions, expand_rows
+from operators.archives import expand_rows
 from operators.budget import Billing, CreditLedger
 from operators.detect import Detector
 from operators.prepare import prepare_batch
 from operators.repack import repack_archive
 from operators.resume import drop_finished
-from operators.write import WriteOptions, write_batch
+from operators.write import write_batch
 
 PREPARE_BATCH = 4  # items per read+prepare task batch: small, since each holds a detection copy
 WRITE_BATCH = 8  # items per write task (and manifest part): small jobs show results sooner
@@ -44,27 +45,6 @@ def expected_items(sources: list[dict]) -> int:
     """Items a job will have, roughly: each plain file, and an archive's size over 256 KiB."""
     return sum(1 if s.get("kind") != "archive" else max(1, int(s.get("size") or 0) // ARCHIVE_BYTES_PER_ITEM)
                for s in sources)
-
-
-def archive_options(spec: JobSpec) -> ArchiveOptions:
-    return ArchiveOptions(
-        depth=spec.archive_depth,
-        password=archive_password(spec),
-        max_member_bytes=spec.max_member_bytes,
-        max_archive_bytes=spec.max_archive_bytes,
-        max_compression_ratio=spec.max_compression_ratio,
-        storage_options=dict(spec.storage_options),
-    )
-
-
-def archive_password(spec: JobSpec) -> str:
-    """--archive-password, else the first line of --archive-password-file (read on the driver)."""
-    if spec.archive_password:
-        return spec.archive_password
-    if spec.archive_password_file:
-        with open(spec.archive_password_file, encoding="utf-8") as f:
-            return f.readline().rstrip("\r\n")
-    return ""
 
 
 def _quiet_ray_data() -> None:
@@ -311,21 +291,7 @@ def build_dataset(
             "format": spec.detect_format(),
         },
     )
-    options = WriteOptions(
-        job_id=spec.job_id,
-        job_root=job_root,
-        anonymize=spec.anonymize_options(),
-        quality=spec.quality,
-        compress_level=spec.compress_level,
-        debug=spec.debug,
-        score=spec.score,
-        save_mask=spec.save_mask,
-        mask_scale=spec.mask_scale,
-        save_metadata=spec.save_metadata,
-        strip_metadata=spec.strip_metadata,
-        storage_options=spec.storage_options,
-        ledger=billing.ledger if billing else None,
-    )
+    options = write_options(spec, job_root, ledger=billing.ledger if billing else None)
     per_write = LARGE_JOB_WRITE_BATCH if expected_items(sources) >= LARGE_JOB_ITEMS else WRITE_BATCH
     return ds.map_batches(write_batch, batch_size=per_write, batch_format="numpy", num_cpus=TASK_CPUS,
                           fn_kwargs={"options": options})

@@ -26,14 +26,12 @@ from pathlib import Path
 
 from jobs.ray_client import retry_no_agent
 from jobs.report import load_report, now_iso
-from jobs.spec import JobSpec, SpecError
+from jobs.spec import SECRET_FIELDS, JobSpec, SpecError  # SECRET_FIELDS: excluded from dumps, needed by the driver
 from operators.storage import is_local, join, write_atomic
 
 SUBMISSION_PREFIX = "veil-"
 # `veil run` options that are not JobSpec fields: how the job runs, not what it makes
 RUN_CONTROLS = ("approve", "auto_approve_below", "retry_failed", "allow_spec_change")
-# JobSpec fields excluded from its dumps (job.json never holds them) that the driver still needs
-SECRET_FIELDS = ("archive_password", "web_auth_header_value")
 PACKAGES = ("jobs", "operators", "models")
 # Not needed on the cluster, and some are large: the zip Ray uploads stays a few hundred KiB.
 EXCLUDES = [

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from jobs.spec import JobSpec
+from jobs.stage_options import write_options
 from models.adapters import adapter_class
 from models.catalog import ModelEntry
 from models.detections import CLASSES, Detections
@@ -85,12 +86,8 @@ class ImageProcessor:
             item["detections"] = str(detected["detections"][0])
         # metadata/ names the upload, not where the server keeps it
         item["source_url"] = join("tasks", os.path.basename(task_root), "original", rel_path)
-        options = WriteOptions(
-            job_id=os.path.basename(task_root), job_root=task_root, anonymize=spec.anonymize_options(),
-            quality=spec.quality, compress_level=spec.compress_level, debug=spec.debug, score=spec.score,
-            save_mask=spec.save_mask, mask_scale=spec.mask_scale, save_metadata=True,  # /metadata always answers
-            strip_metadata=spec.strip_metadata, storage_options=spec.storage_options,
-        )
+        options = write_options(spec, task_root, job_id=os.path.basename(task_root),
+                                save_metadata=True)  # /metadata always answers
         image_row, dets, anonymised = write_item(item, options)
         return Processed(image_row["status"], image_row["failure_cause"], image_row["error"], image_row["format"],
                          image_row["width"], image_row["height"], dets, anonymised)

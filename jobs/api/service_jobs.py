@@ -46,19 +46,19 @@ from jobs.api.pool import BACKGROUND
 from jobs.api.ray_jobs import RayJobs
 from jobs.api.tasks import TASK_ID
 from jobs.job_store import JobBusy, JobNotFound, delete_job, syntonym_report
-from jobs.pipeline import PREPARE_BATCH, archive_options
+from jobs.pipeline import PREPARE_BATCH
 from jobs.pricing import load_pricing
 from jobs.quote import quote_items
 from jobs.report import JobReport, Totals, iso, now_iso, try_load_report
 from jobs.run import finish
 from jobs.spec import JobSpec, build_spec
+from jobs.stage_options import archive_options, write_options
 from jobs.webhook import post_report
 from operators.archives import expand_rows
 from operators.budget import Billing
 from operators.resume import resume_state
 from operators.sources import list_sources
 from operators.storage import filesystem, join, read_bytes, write_atomic
-from operators.write import WriteOptions
 
 if TYPE_CHECKING:
     from jobs.api.service import Service
@@ -268,11 +268,7 @@ class ServiceJobs:
             spec = self.spec(doc)
             root = doc["outputs"]["root"]
             resume = resume_state(root, False, self.storage_options)  # a resumed job keeps what it finished
-            options = WriteOptions(
-                job_id=job_id, job_root=root, anonymize=spec.anonymize_options(), quality=spec.quality,
-                compress_level=spec.compress_level, debug=spec.debug, score=spec.score, save_mask=spec.save_mask,
-                mask_scale=spec.mask_scale, save_metadata=spec.save_metadata, strip_metadata=spec.strip_metadata,
-                storage_options=self.storage_options)
+            options = write_options(spec, root, job_id=job_id, storage_options=self.storage_options)
             billing = Billing(self.pricing, spec.resolve_models()[0])
             expected = int((doc.get("quote") or {}).get("items", 0)) - len(resume.finished)
             report.set("processing", f"0 of {expected} items", started_at=doc.get("started_at") or started_at)

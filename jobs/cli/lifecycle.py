@@ -27,12 +27,12 @@ def _add_output(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def cmd_quote(args: argparse.Namespace) -> int:
-    from jobs.pipeline import archive_options
     from jobs.pricing import load_pricing
     from jobs.quote import quote_items, quote_text
     from jobs.report import JobReport
     from jobs.run import notify
     from jobs.spec import build_spec
+    from jobs.stage_options import archive_options
     from operators.sources import check_output_outside_inputs, list_sources
     from operators.storage import join
 
