@@ -20,7 +20,7 @@ import psutil
 import ray
 
 from jobs.spec import JobSpec, SpecError
-from jobs.stage_options import archive_options, archive_password, write_options  # noqa: F401 (re-exported)
+from jobs.stage_options import archive_options, archive_password, write_options  # noqa: F401 (run.py imports it here)
 from models.catalog import ModelEntry
 from models.runtime import backend_for
 from operators.archives import expand_rows
@@ -29,7 +29,7 @@ from operators.detect import Detector
 from operators.prepare import prepare_batch
 from operators.repack import repack_archive
 from operators.resume import drop_finished
-from operators.write import write_batch
+from operators.write import WriteOptions, write_batch
 
 PREPARE_BATCH = 4  # items per read+prepare task batch: small, since each holds a detection copy
 WRITE_BATCH = 8  # items per write task (and manifest part): small jobs show results sooner
@@ -291,7 +291,7 @@ def build_dataset(
             "format": spec.detect_format(),
         },
     )
-    options = write_options(spec, job_root, ledger=billing.ledger if billing else None)
+    options: WriteOptions = write_options(spec, job_root, ledger=billing.ledger if billing else None)
     per_write = LARGE_JOB_WRITE_BATCH if expected_items(sources) >= LARGE_JOB_ITEMS else WRITE_BATCH
     return ds.map_batches(write_batch, batch_size=per_write, batch_format="numpy", num_cpus=TASK_CPUS,
                           fn_kwargs={"options": options})

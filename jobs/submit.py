@@ -5,7 +5,7 @@
 
 (the commands are in jobs/cli/submit.py; this module is what they, and `veil serve --ray-address`
 through jobs/api/ray_jobs.py, call). The job travels as its whole JobSpec in JSON: the driver runs
-`python -m jobs.cli run --job-id ID --spec-json '{...}'`.
+`python -m jobs.cli run --job-id ID --spec-json '{...}' -- INPUT... OUTPUT`.
 
 The job's code travels with the submission (runtime_env working_dir = this repository, or the three
 packages when veil is installed from a wheel); its Python packages come from the cluster's image, or
@@ -136,11 +136,12 @@ def runtime_env(pip: bool = False, pip_extra: str | None = "gpu", env_vars: dict
 
 
 def spec_json(spec: JobSpec) -> str:
-    """The whole spec as `veil run --spec-json` reads it back: every field, the secrets that job.json
-    leaves out included (the archive password, the webhook header value), so no option is lost on
-    the way to the cluster, whether the command line has a flag for it or not."""
-    fields = spec.model_dump(mode="json", exclude_defaults=True)
-    fields.update(job_id=spec.job_id, inputs=spec.inputs, output=spec.output)
+    """The spec but its inputs and output (the run's positional arguments), as `veil run --spec-json`
+    reads it back: every field, the secrets that job.json leaves out included (the archive password,
+    the webhook header value), so no option is lost on the way to the cluster, whether the command
+    line has a flag for it or not."""
+    fields = spec.model_dump(mode="json", exclude_defaults=True, exclude={"inputs", "output"})
+    fields["job_id"] = spec.job_id
     for name in SECRET_FIELDS:
         if getattr(spec, name) is not None:
             fields[name] = getattr(spec, name)
@@ -148,10 +149,9 @@ def spec_json(spec: JobSpec) -> str:
 
 
 def entrypoint(spec: JobSpec, controls: dict | None = None) -> str:
-    """`python -m jobs.cli run --job-id ID --spec-json '{...}' [run controls]`: the job's driver.
-
-    `controls` are `veil run`'s options that are not spec fields (approve, auto_approve_below,
-    retry_failed, allow_spec_change): True becomes the bare flag, None/False nothing."""
+    """`python -m jobs.cli run --job-id ID --spec-json '{...}' [run controls] -- INPUT... OUTPUT`: the
+    job's driver. `controls` are `veil run`'s options that are not spec fields (approve,
+    auto_approve_below, retry_failed, allow_spec_change): True becomes the bare flag, None/False nothing."""
     # `python -m` rather than the `veil` script: the working_dir copy of the code is first on sys.path,
     # and the script may not exist where veil is not installed (--pip).
     args = ["python", "-m", "jobs.cli", "run", "--job-id", spec.job_id, "--spec-json", spec_json(spec)]
@@ -162,7 +162,7 @@ def entrypoint(spec: JobSpec, controls: dict | None = None) -> str:
             args.append("--" + name.replace("_", "-"))
         elif value is not None and value is not False:
             args += ["--" + name.replace("_", "-"), str(value)]
-    return shlex.join(args)
+    return shlex.join([*args, "--", *spec.inputs, spec.output])  # `--`: a path may start with a dash
 
 
 # --- submit, follow, inspect, cancel ---------------------------------------------------------------

@@ -16,7 +16,7 @@ from jobs.submit import entrypoint
 
 # values a generic rule cannot guess (validated formats); every other field gets one from its type
 KNOWN = {
-    "inputs": ["s3://in/a", "in/b dir/"], "output": "s3://out", "job_id": "job-1",
+    "inputs": ["s3://in/a", "in/b dir/", "-dash"], "output": "s3://out", "job_id": "job-1",
     "ignores": [{"topLeftX": 1, "topLeftY": 2, "width": 3, "height": 4}],
     "format": {"number": [2, 3], "overlap": [0.1, 0.2]}, "storage_options": {"key": "k", "client_kwargs": {"a": 1}},
     "webhook": "https://hooks.example/x", "web_auth_header_name": "Authorization", "score": True, "debug": True,
@@ -86,8 +86,8 @@ def test_veil_submit_checks_the_run_here_and_sends_its_spec():
 
 
 def test_flags_override_spec_json():
-    args = build_parser().parse_args(["run", "--spec-json", '{"inputs": ["a"], "output": "o", "quality": 10}',
+    args = build_parser().parse_args(["run", "a", "o", "--spec-json", '{"quality": 10, "bbox": true}',
                                       "--quality", "20"])
-    assert run_spec(args).quality == 20
+    assert (run_spec(args).quality, run_spec(args).bbox) == (20, True)
     with pytest.raises(SpecError, match="spec-json"):
         run_spec(build_parser().parse_args(["run", "in", "out", "--spec-json", "[1]"]))

@@ -205,8 +205,8 @@ def test_the_submitted_command_makes_the_same_spec_through_veil_runs_parser():
     command = shlex.split(entrypoint(service_spec(spec, ServiceConfig(max_pixels=10**6)), {"approve": True}))
     assert command[:4] == ["python", "-m", "jobs.cli", "run"] and "--approve" in command  # what the driver runs
     args = build_parser().parse_args(command[3:])
-    assert args.approve and args.job_id == spec.job_id and not args.paths
-    again = build_spec(cli_fields(args))
+    assert args.approve and args.job_id == spec.job_id and args.paths == [*spec.inputs, spec.output]
+    again = build_spec(cli_fields(args, args.paths[:-1], args.paths[-1]))
     assert again.model_dump() == {**spec.model_dump(), "max_pixels": 10**6}  # the service's tighter limit
 
 

@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from jobs.cli.lifecycle import add_lifecycle_commands
-from jobs.cli.run import _add_job_options, add_bench_command, add_run_command
+from jobs.cli.run import _add_job_options, add_run_commands
 from jobs.cli.serve import add_serve_command
 from jobs.cli.submit import add_submit_commands
 from jobs.cli.tools import add_tool_commands
@@ -20,8 +20,7 @@ from operators.sources import InputError
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="veil", description="Anonymize street-level imagery at scale.")
     sub = parser.add_subparsers(dest="command", required=True)
-    add_run_command(sub)
-    add_bench_command(sub)
+    add_run_commands(sub)  # run, bench
     add_tool_commands(sub)  # demo, models, eval
     add_lifecycle_commands(sub, _add_job_options)  # quote, approve, status, report, list, delete
     add_submit_commands(sub)  # submit, cancel

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import signal
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -138,9 +139,9 @@ def _add_archive_options(p: argparse.ArgumentParser) -> None:
               "higher ones fail TOO_LARGE as likely bombs (default 100)")
 
 
-def spec_fields(args: argparse.Namespace, inputs: list[str] | None = None, output: str | None = None) -> dict:
-    """Spec fields from a spec file (if any), then --spec-json's (if any), overridden by the paths and
-    the flags that were given."""
+def spec_fields(args: argparse.Namespace, inputs: list[str], output: str) -> dict:
+    """Spec fields from a spec file (if any), then --spec-json's (if any), overridden by the flags that
+    were given."""
     fields: dict = {}
     if getattr(args, "spec", None):
         try:
@@ -150,19 +151,19 @@ def spec_fields(args: argparse.Namespace, inputs: list[str] | None = None, outpu
         if not isinstance(loaded, (dict, type(None))):
             raise SpecError(f"spec: {args.spec} must hold a mapping of options (YAML or JSON)")
         fields.update(loaded or {})
-    given = getattr(args, "spec_json", None)
-    if given is not None:
-        if not isinstance(given, dict):
+    if getattr(args, "spec_json", None) is not None:
+        if not isinstance(args.spec_json, dict):
             raise SpecError("spec-json: give one JSON object of job options")
-        fields.update(given)
-    fields.update({k: v for k, v in (("inputs", inputs), ("output", output)) if v is not None})
-    skip = {"command", "spec", "spec_json", "paths", "inputs", "storage_option", "func", "output", "json",
-            *RUN_CONTROLS}
+        fields.update(args.spec_json)
+
+    fields.update(inputs=inputs, output=output)
+    skip = {"command", "spec", "paths", "inputs", "storage_option", "func", "output", "json", *RUN_CONTROLS}
     for key, value in vars(args).items():
         if key not in skip and value is not None:
             fields[key] = value
     if args.storage_option:
         fields["storage_options"] = {**fields.get("storage_options", {}), **dict(args.storage_option)}
+    fields.pop("spec_json", None)  # read above, under --spec's fields
     return fields
 
 
@@ -170,7 +171,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from jobs.progress import quiet_ray
     from jobs.run import run_job
 
-    spec = run_spec(args)
+    if len(args.paths) < 2:
+        print("veil run: give at least one INPUT and the OUTPUT", file=sys.stderr)
+        return 2
+    spec = build_spec(spec_fields(args, args.paths[:-1], args.paths[-1]))
     print(f"job id: {spec.job_id}")
     with cancel_on_sigterm(), quiet_ray():
         doc = run_job(spec, approve=args.approve, auto_approve_below=args.auto_approve_below,
@@ -220,23 +224,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_run_command(sub) -> None:
-    """Register `run` on the `veil` subparsers."""
+def add_run_commands(sub) -> None:
+    """Register `run` and `bench` on the `veil` subparsers."""
     run = sub.add_parser("run", help="anonymize INPUT... into OUTPUT/JOB_ID/",
                          usage="veil run INPUT... OUTPUT [options]",
                          description="Anonymize INPUT... into OUTPUT/JOB_ID/ (images, manifest, job.json).",
-                         epilog="Every --a-b option may be written --a_b. Options can also come from --spec FILE "
-                                "or --spec-json JSON (then INPUT... OUTPUT may come from there too).")
-    run.add_argument("paths", nargs="*", metavar="INPUT... OUTPUT",
+                         epilog="Every --a-b option may be written --a_b. Options can also come from --spec FILE.")
+    run.add_argument("paths", nargs="+", metavar="INPUT... OUTPUT",
                      help="files, folders, globs or fsspec URLs, then the output folder/URL")
     _add_job_options(run)
     _add_run_controls(run)
     sectioned(run)  # the help in sections, with units and JobSpec's defaults
     run.set_defaults(func=cmd_run)
 
-
-def add_bench_command(sub) -> None:
-    """Register `bench` (the pipeline's throughput on some of `veil run`'s job options)."""
     bench = sub.add_parser("bench", help="throughput: pipeline vs bare loop vs codec floor vs deface, one run")
     bench.add_argument("images_dir", help="a folder of images")
     _opt(bench, "--classes", help="comma-separated classes, e.g. face or face,license-plate,person,vehicle "
@@ -262,14 +262,12 @@ def add_bench_command(sub) -> None:
 def parse_run(argv: list[str]) -> argparse.Namespace:
     """`veil run`'s arguments parsed by its own parser (what `veil submit -- run ...` checks locally)."""
     parser = argparse.ArgumentParser(prog="veil")
-    add_run_command(parser.add_subparsers(dest="command", required=True))
+    add_run_commands(parser.add_subparsers(dest="command", required=True))
     return parser.parse_args(["run", *argv])
 
 
 def run_spec(args: argparse.Namespace) -> JobSpec:
-    """The JobSpec of parsed `veil run` arguments: INPUT... OUTPUT, or the inputs and output of
-    --spec/--spec-json when no path is given."""
-    paths = args.paths
-    if len(paths) == 1 or (not paths and not (args.spec or args.spec_json)):
-        raise SpecError("give at least one INPUT and the OUTPUT")
-    return build_spec(spec_fields(args, paths[:-1], paths[-1]) if paths else spec_fields(args))
+    """The JobSpec of parsed `veil run` arguments, as cmd_run makes it."""
+    if len(args.paths) < 2:
+        raise SpecError("run: give at least one INPUT and the OUTPUT")
+    return build_spec(spec_fields(args, args.paths[:-1], args.paths[-1]))
