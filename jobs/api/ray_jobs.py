@@ -9,7 +9,7 @@ Why the Jobs API (`jobs.submit.submit`: submission id `veil-<id>`, `veil-<id>-<n
 this code shipped as working_dir) rather than a Ray task calling `jobs.run.run_job` from the server: the
 job's driver then lives on the cluster, not in the replica, so a replica that stops (a deploy, a crash,
 a scale-down) takes no job with it and any replica can follow the job from the storage; and the job is
-an ordinary `veil run --job-id ID --spec-json '{...}' --approve` (the whole JobSpec), so `ray job logs veil-<id>`,
+an ordinary `veil run --job-id ID --spec-json '{...}' --approve -- UPLOADS STORAGE/jobs`, so `ray job logs veil-<id>`,
 `veil cancel <id>` and `veil status <id> --output STORAGE/jobs` work on it. A Ray task would need a Ray
 driver connection in every replica (`ray.init` inside a web server) and would die with that connection.
 The address is the dashboard's (`http://head:8265`), as for `veil submit`.
