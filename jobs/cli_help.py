@@ -29,6 +29,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "archives (zip, 7z, rar)": (
         "archive_depth", "archive_password", "archive_password_file", "max_member_bytes", "max_archive_bytes",
         "max_compression_ratio", "repack"),
+    "video": ("tracking", "detect_every", "crf", "keep_bit_rate"),
     "jobs and billing": (
         "job_id", "spec", "approve", "auto_approve_below", "retry_failed", "allow_spec_change",
         "pricing", "max_credits", "webhook",

@@ -28,6 +28,7 @@ from operators.detect import Detector
 from operators.prepare import prepare_batch
 from operators.repack import repack_archive
 from operators.resume import drop_finished
+from operators.video import VideoOptions, process_videos
 from operators.write import WriteOptions, write_batch
 
 PREPARE_BATCH = 4  # items per read+prepare task batch: small, since each holds a detection copy
@@ -252,8 +253,13 @@ def _drop_finished(batch: dict, finished_ref) -> dict:
 class _RayDetector(Detector):
     """Detector whose weights arrive as object references (resolved once, when the actor starts)."""
 
-    def __init__(self, model_refs: list, **kwargs):
+    def __init__(self, model_refs: list, video: VideoOptions | None = None, **kwargs):
         super().__init__([(entry, ray.get(ref)) for entry, ref in model_refs], **kwargs)
+        self.video = video
+
+    def __call__(self, batch: dict) -> dict:
+        # videos run whole here, frame by frame (operators/video.py); their rows then pass through
+        return super().__call__(process_videos(self, batch, self.video) if self.video else batch)
 
 
 def build_dataset(
@@ -309,6 +315,7 @@ def build_dataset(
             "device": res.backend,
             "threads": res.threads_per_actor,
             "format": spec.detect_format(),
+            "video": video_options(spec, job_root),
         },
     )
     options = WriteOptions(
@@ -329,6 +336,13 @@ def build_dataset(
     per_write = LARGE_JOB_WRITE_BATCH if expected_items(sources) >= LARGE_JOB_ITEMS else WRITE_BATCH
     return ds.map_batches(write_batch, batch_size=per_write, batch_format="numpy", num_cpus=TASK_CPUS,
                           fn_kwargs={"options": options})
+
+
+def video_options(spec: JobSpec, job_root: str) -> VideoOptions:
+    return VideoOptions(job_root=job_root, anonymize=spec.anonymize_options(), crf=spec.crf,
+                        keep_bit_rate=spec.keep_bit_rate, tracking=spec.tracking, detect_every=spec.detect_every,
+                        det_max_side=spec.det_max_side, strip_metadata=spec.strip_metadata, debug=spec.debug,
+                        storage_options=dict(spec.storage_options))
 
 
 def repack_archives(groups: dict[str, list[tuple[str, str]]], job_root: str, storage_options: dict) -> list[dict]:

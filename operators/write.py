@@ -31,6 +31,7 @@ from operators.codecs import (
 )
 from operators.manifest import DETECTIONS_SCHEMA, IMAGES_SCHEMA, batch_part_name, write_part
 from operators.storage import is_no_space, join, write_atomic
+from operators.video import manifest_rows as video_manifest_rows
 
 
 @dataclass
@@ -64,9 +65,14 @@ def write_batch(batch: dict[str, np.ndarray], options: WriteOptions) -> dict[str
     image_rows, det_rows, given_back = [], [], []
     for i in range(len(batch["item_id"])):
         row = {k: batch[k][i] for k in batch}
-        image_row, dets, anonymised = write_item(row, options)
-        image_rows.append(image_row)
-        det_rows.extend(detection_rows(image_row, dets, anonymised))
+        if str(row.get("kind")) == "video" and row.get("video"):  # written by the detection actor
+            image_row, video_dets = video_manifest_rows(_video_row(row, options), str(row["video"]))
+            image_rows.append(image_row)
+            det_rows.extend(video_dets)
+        else:
+            image_row, dets, anonymised = write_item(row, options)
+            image_rows.append(image_row)
+            det_rows.extend(detection_rows(image_row, dets, anonymised))
         reserved = float(row.get("credits", 0.0) or 0.0)
         if image_row["status"] != "done" and reserved:
             given_back.append((image_row["item_id"], reserved))
@@ -236,6 +242,14 @@ def _image_row(row: dict, options: WriteOptions) -> dict:
         "gpu_detect_ms": float(row.get("gpu_detect_ms", 0.0)),
         "processed_at": datetime.now(timezone.utc),
     }
+
+
+def _video_row(row: dict, options: WriteOptions) -> dict:
+    """A video's images row before operators/video.py fills in what its run found."""
+    image_row = _image_row(row, options)
+    image_row.update(bytes_in=int(row.get("size") or 0) or image_row["bytes_in"],
+                     credits=float(row.get("credits", 0.0) or 0.0) if row["status"] == "done" else 0.0)
+    return image_row
 
 
 def detection_rows(image_row: dict, dets: Detections, anonymised: np.ndarray) -> list[dict]:
