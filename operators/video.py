@@ -37,13 +37,16 @@ from operators.video_io import (
     DEFAULT_CRF,
     MUXERS,
     VideoDefect,
+    VideoInfo,
     add_video_output,
+    first_frame_rotation,
     open_container,
     open_source,
     probe,
 )
 
-ROTATION_TO_EXIF = {0: 1, 90: 6, 180: 3, 270: 8}  # display rotation -> the EXIF orientation that undoes it
+# display rotation (counterclockwise) -> the EXIF orientation that shows the frame upright
+ROTATION_TO_EXIF = {0: 1, 90: 8, 180: 3, 270: 6}
 
 
 @dataclass
@@ -95,11 +98,16 @@ def process_video(detector, row: dict, options: VideoOptions) -> dict:
             exc, FileNotFoundError) else "INTERNAL_ERROR", "error": f"read failed: {exc!r}"[:500]}
     with src:
         try:
+            with open_container(src) as container:  # a first look: the rotation is on decoded frames only
+                rotation = first_frame_rotation(container)
+            src.seek(0)
             container = open_container(src)
         except VideoDefect as exc:
             return result | {"status": "failed", "failure_cause": VIDEO_DEFECT, "error": f"{row['rel_path']}: {exc}"}
         with container:
             result["info"] = probe(container).as_dict()
+            if rotation is not None:
+                result["info"]["rotation"] = rotation
             try:
                 _transcode(detector, container, row, options, result)
             except VideoDefect as exc:
@@ -112,7 +120,7 @@ def process_video(detector, row: dict, options: VideoOptions) -> dict:
 
 
 def _transcode(detector, container, row: dict, options: VideoOptions, result: dict) -> None:
-    info = probe(container)
+    info = VideoInfo(**result["info"])
     vin = container.streams.video[0]
     keep = [s for s in container.streams if s is not vin and s.type in ("audio", "subtitle")
             or (s.type == "data" and options.strip_metadata == "none")]

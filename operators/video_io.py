@@ -49,7 +49,7 @@ class VideoInfo:
     frames: int  # declared by the container (0 if it does not say)
     duration_s: float
     bit_rate: int
-    rotation: int  # degrees, from the display matrix (0, 90, 180, 270)
+    rotation: int  # display matrix, degrees counterclockwise (FFmpeg's sign; 0, 90, 180, 270)
     audio_streams: int
 
     def as_dict(self) -> dict[str, Any]:
@@ -109,15 +109,21 @@ def probe(container: av.container.InputContainer) -> VideoInfo:
 
 
 def _rotation(stream) -> int:
-    """Display rotation in degrees clockwise (phones store portrait video turned, with this tag)."""
+    """The display rotation the header states, where PyAV shows it (an old `rotate` tag); PyAV
+    18 gives the display matrix on decoded frames only: `first_frame_rotation`."""
+    rotate = (stream.metadata or {}).get("rotate")  # the tag is clockwise; the matrix counterclockwise
+    return -int(rotate) % 360 if rotate and rotate.lstrip("-").isdigit() else 0
+
+
+def first_frame_rotation(container: av.container.InputContainer) -> int | None:
+    """The display rotation carried by the first decoded frame (None if none decodes). Phones
+    store portrait video turned, with this matrix; the output must carry it too."""
     try:
-        for sd in stream.side_data if hasattr(stream, "side_data") else ():
-            if "display" in str(getattr(sd, "type", "")).lower():
-                return int(round(-float(sd.rotation))) % 360
-    except Exception:  # an odd side-data block: show the frames as stored
-        pass
-    rotate = (stream.metadata or {}).get("rotate")
-    return int(rotate) % 360 if rotate and rotate.lstrip("-").isdigit() else 0
+        for frame in container.decode(video=0):
+            return int(round(frame.rotation)) % 360
+    except av.error.FFmpegError:
+        return None
+    return None
 
 
 def probe_source(source_url: str, storage_options: dict | None, data: bytes | None = None) -> VideoInfo:
@@ -166,7 +172,7 @@ def add_video_output(out: av.container.OutputContainer, src, info: VideoInfo, cr
         stream.codec_context.flags |= "QSCALE"
     if info.rotation:
         try:
-            stream.set_display_rotation(-info.rotation)
+            stream.set_display_rotation(info.rotation)
         except Exception:  # an older FFmpeg: the frames are kept as stored, the tag only is lost
             stream.metadata["rotate"] = str(info.rotation)
     return stream

@@ -213,3 +213,73 @@ def test_faces_in_the_output_are_blurred(video_job):
     corner = np.abs(before[60][:, :30].astype(int) - after[60][:, :30].astype(int)).mean()
     assert corner < 6  # re-encoded at CRF 23, not repainted
     assert json.loads((job / "job.json").read_text())["status"] == "done"
+
+
+# --- one video through operators/video.py, with a stand-in detector (no Ray, no model) ---
+
+class _Blinking:
+    """Finds one 'face' at a fixed place, except on the frames in `misses` (counted per call)."""
+
+    def __init__(self, misses: set[int]):
+        self.misses, self.calls = misses, 0
+
+    def detect(self, images, panoramas=None, scales=None) -> list[Detections]:
+        n, self.calls = self.calls, self.calls + 1
+        h, w = images[0].shape[:2]
+        if n in self.misses:
+            return [Detections.empty()]
+        return [Detections([[w * 0.25, h * 0.25, w * 0.75, h * 0.75]], [0.9], [0])]
+
+
+def _plain_clip(path: Path, frames: int = 20, rotation: int = 0) -> None:
+    with av.open(str(path), "w") as out:
+        v = out.add_stream("libx264", rate=10)
+        v.width, v.height, v.pix_fmt = 64, 48, "yuv420p"
+        if rotation:
+            v.set_display_rotation(rotation)
+        rng = np.random.default_rng(0)
+        for _ in range(frames):
+            frame = av.VideoFrame.from_ndarray(rng.integers(0, 255, (48, 64, 3), np.uint8), format="rgb24")
+            for p in v.encode(frame):
+                out.mux(p)
+        for p in v.encode(None):
+            out.mux(p)
+
+
+@pytest.mark.parametrize("tracking", [True, False])
+def test_missed_frames_are_filled_only_with_tracking(tmp_path, tracking):
+    from operators.video import VideoOptions, process_video
+
+    _plain_clip(tmp_path / "c.mp4", rotation=90)
+    result = process_video(_Blinking({4, 5, 6}), {"source_url": str(tmp_path / "c.mp4"), "rel_path": "c.mp4",
+                                                  "member": ""},
+                           VideoOptions(job_root=str(tmp_path / "out"), tracking=tracking))
+    assert result["status"] == "done" and result["frames"] == 20, result
+    frames = {d[0] for d in result["dets"]}
+    assert frames == (set(range(20)) if tracking else set(range(20)) - {4, 5, 6})
+    with av.open(result["output_url"]) as c:
+        assert next(c.decode(video=0)).rotation == 90  # the display rotation is kept
+
+
+def test_detect_every_runs_the_detector_on_every_nth_frame(tmp_path):
+    from operators.video import VideoOptions, process_video
+
+    _plain_clip(tmp_path / "c.mkv")
+    det = _Blinking(set())
+    result = process_video(det, {"source_url": str(tmp_path / "c.mkv"), "rel_path": "c.mkv", "member": ""},
+                           VideoOptions(job_root=str(tmp_path / "out"), detect_every=4))
+    assert det.calls == 5 and result["frames"] == 20
+    assert {d[0] for d in result["dets"]} == set(range(17))  # up to the last detected frame, 16
+
+
+def test_quote_prices_videos_from_their_header(tmp_path):
+    from jobs.pricing import load_pricing
+    from jobs.quote import quote_items
+    from operators.archives import ArchiveOptions
+    from operators.sources import list_sources
+
+    shutil.copy(clip_paths()["carphone_pristine.mp4"], tmp_path / "a.mp4")
+    (tmp_path / "bad.mp4").write_text("not a video")
+    quote = quote_items(list_sources([str(tmp_path)]), load_pricing(None), ["face"], ArchiveOptions())
+    assert (quote["videos"], quote["unreadable"]) == (1, 1)
+    assert quote["credits"] == pytest.approx(max(10.0 * 4.004 / 60, 1.0))
