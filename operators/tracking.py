@@ -8,6 +8,12 @@ between the two sightings. Boxes of a track are smoothed over +-1 frame (mean of
 seen), which steadies the blurred area. A frame's boxes are final only once the tracker has
 seen `max_gap` frames past it (`final_boxes`): the caller keeps that many frames in hand.
 
+Boxes under the class threshold (down to a fraction of it, see operators/video.py) may be given
+as not `confident`, as ByteTrack does: such a box never starts a track, but continues one a
+confident box started, and a new track reaches back over the frames before it (up to
+`max_gap`) through such boxes. A face whose score hovers around the threshold is then blurred
+on every frame, not on every other one.
+
 No Ray, no model: plain numpy, so it is unit-tested alone (tests/test_video.py).
 """
 
@@ -39,30 +45,63 @@ class IoUTracker:
         be missed and still be filled in; `smooth`: average each box with its neighbours'."""
         self.iou, self.max_gap, self.smooth = iou, max_gap, smooth
         self.tracks: list[Track] = []
+        self.low: dict[int, Detections] = {}  # recent frames' low boxes that continued no track
         self.next_id = 0
         self.frame = -1
 
-    def update(self, frame: int, dets: Detections) -> np.ndarray:
-        """Add frame `frame`'s detections (frames in increasing order); returns their track ids."""
+    def update(self, frame: int, dets: Detections, confident: np.ndarray | None = None) -> np.ndarray:
+        """Add frame `frame`'s detections (frames in increasing order); returns their track ids
+        (-1: a low box that continued no track). `confident`: per box, whether it passed the class
+        threshold (default all)."""
         self.frame = frame
+        confident = np.ones(len(dets), bool) if confident is None else np.asarray(confident, bool)
         ids = np.full(len(dets), -1, dtype=np.int64)
         live = [t for t in self.tracks if frame - t.last_frame <= self.max_gap + 1]
-        if len(dets) and live:
-            iou = box_iou(dets.boxes, np.stack([t.last_box() for t in live]))
-            same = dets.classes[:, None] == np.array([t.cls for t in live])[None, :]
-            iou = np.where(same, iou, 0.0)
-            while iou.size and iou.max() >= self.iou:  # greedy: the best pair first
-                d, t = np.unravel_index(int(np.argmax(iou)), iou.shape)
-                ids[d] = live[t].track_id
-                self._add(live[t], frame, dets, d)
-                iou[d, :], iou[:, t] = 0.0, 0.0
-        for d in np.flatnonzero(ids < 0):
+        for stage in (confident, ~confident):  # confident boxes first, then low ones (ByteTrack)
+            live = self._match(frame, dets, np.flatnonzero(stage), live, ids)
+        for d in np.flatnonzero((ids < 0) & confident):
             track = Track(self.next_id, int(dets.classes[d]))
             self.next_id += 1
             self.tracks.append(track)
             self._add(track, frame, dets, d)
             ids[d] = track.track_id
+            self._reach_back(track, frame)
+        low = (ids < 0) & ~confident
+        self.low[frame] = dets.select(low)
+        for f in [f for f in self.low if f < frame - self.max_gap - 1]:
+            del self.low[f]
         return ids
+
+    def _match(self, frame: int, dets: Detections, idx: np.ndarray, live: list[Track], ids: np.ndarray) -> list[Track]:
+        """Greedy IoU matching (the best pair first) of boxes `idx` to tracks `live`, within a class;
+        sets `ids`, returns the tracks left unmatched."""
+        if not len(idx) or not live:
+            return live
+        iou = box_iou(dets.boxes[idx], np.stack([t.last_box() for t in live]))
+        iou = np.where(dets.classes[idx][:, None] == np.array([t.cls for t in live])[None, :], iou, 0.0)
+        taken = set()
+        while iou.max() >= self.iou:
+            d, t = np.unravel_index(int(np.argmax(iou)), iou.shape)
+            ids[idx[d]] = live[t].track_id
+            self._add(live[t], frame, dets, idx[d])
+            taken.add(t)
+            iou[d, :], iou[:, t] = 0.0, 0.0
+        return [t for k, t in enumerate(live) if k not in taken]
+
+    def _reach_back(self, track: Track, frame: int) -> None:
+        """A new track takes the low boxes that lead up to it, frame by frame backwards."""
+        box = track.seen[frame][0]
+        for f in range(frame - 1, frame - self.max_gap - 2, -1):
+            low = self.low.get(f)
+            if low is None or not len(low):
+                return
+            iou = np.where(low.classes == track.cls, box_iou(box[None], low.boxes)[0], 0.0)
+            best = int(np.argmax(iou))
+            if iou[best] < self.iou:
+                return
+            track.seen[f] = (low.boxes[best].copy(), float(low.scores[best]), low.details[best], low.models[best])
+            box = low.boxes[best]
+            self.low[f] = low.select(np.arange(len(low)) != best)
 
     @staticmethod
     def _add(track: Track, frame: int, dets: Detections, d: int) -> None:

@@ -49,6 +49,34 @@ from operators.video_io import (
 ROTATION_TO_EXIF = {0: 1, 90: 8, 180: 3, 270: 6}
 
 
+LOW_FACTOR = 0.6  # with tracking, boxes down to this fraction of the class threshold may continue a track
+
+
+def low_detector(detector, factor: float = LOW_FACTOR):
+    """The job's detector with every threshold times `factor`, sharing its loaded models (None for
+    a detector without a profile, e.g. a test's stand-in)."""
+    from operators.detect import Detector
+
+    if not hasattr(detector, "profile") or factor >= 1:
+        return None
+    profile = detector.profile.model_copy(deep=True)
+    for plan in profile.classes.values():
+        plan.thresholds = [t.model_copy(update={"score": t.score * factor}) for t in plan.thresholds]
+    return Detector([], detector.classes, profile.model_dump(), format=detector.format,
+                    adapters=list(detector.adapters.values()))
+
+
+def confident(detector, dets: Detections, stored_scale: float) -> np.ndarray:
+    """Per box, whether it passes the job's own threshold for its class and size."""
+    keep = np.zeros(len(dets), bool)
+    sizes = np.maximum(dets.boxes[:, 2] - dets.boxes[:, 0], dets.boxes[:, 3] - dets.boxes[:, 1]) * stored_scale
+    for k, name in enumerate(CLASSES):
+        mine = dets.classes == k
+        if mine.any() and name in detector.profile.classes:
+            keep[mine] = dets.scores[mine] >= detector.profile.classes[name].threshold_for(sizes[mine])
+    return keep
+
+
 @dataclass
 class VideoOptions:
     job_root: str
@@ -182,6 +210,9 @@ class _FrameLoop:
         self.orientation = ROTATION_TO_EXIF.get(info.rotation, 1)
         gap = max(options.max_gap, options.detect_every)
         self.tracker = IoUTracker(max_gap=gap) if options.tracking else None
+        # with tracking, one detection pass at the lowered thresholds; the job's own thresholds decide
+        # which boxes start a track (ByteTrack's two stages)
+        self.low = low_detector(detector) if options.tracking else None
         self.lookahead = gap + 2 if options.tracking else 0  # +1 for the gap's far end, +1 for smoothing
         self.pending: deque = deque()
         self.count = 0
@@ -191,9 +222,9 @@ class _FrameLoop:
         idx = self.count
         self.count += 1
         rgb = frame.to_ndarray(format="rgb24")
-        dets = self._detect(rgb) if idx % self.options.detect_every == 0 else None
+        dets, sure = self._detect(rgb) if idx % self.options.detect_every == 0 else (None, None)
         if self.tracker is not None:
-            self.tracker.update(idx, dets if dets is not None else Detections.empty())
+            self.tracker.update(idx, dets if dets is not None else Detections.empty(), sure)
         else:
             self.last = dets if dets is not None else self.last
         self.pending.append((idx, frame, rgb, dets))
@@ -204,7 +235,8 @@ class _FrameLoop:
         while self.pending:
             self._emit(*self.pending.popleft())
 
-    def _detect(self, rgb: np.ndarray) -> Detections:
+    def _detect(self, rgb: np.ndarray) -> tuple[Detections, np.ndarray | None]:
+        """The frame's boxes in stored pixels, and per box whether it passed the job's threshold."""
         from operators.detect import to_stored_pixels  # the actor has it loaded already
 
         h, w = rgb.shape[:2]
@@ -212,8 +244,10 @@ class _FrameLoop:
         small = rgb if scale >= 1 else cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))),
                                                   interpolation=cv2.INTER_AREA)
         det = np.ascontiguousarray(upright(small, self.orientation))
-        found = self.detector.detect([det], [False], [w / small.shape[1]])[0]
-        return to_stored_pixels(found, det.shape[1], det.shape[0], w, h, self.orientation)
+        scale = w / small.shape[1]
+        found = (self.low or self.detector).detect([det], [False], [scale])[0]
+        sure = confident(self.detector, found, scale) if self.low is not None else None
+        return to_stored_pixels(found, det.shape[1], det.shape[0], w, h, self.orientation), sure
 
     def _emit(self, idx: int, frame: av.VideoFrame, rgb: np.ndarray, dets: Detections | None) -> None:
         if self.tracker is not None:

@@ -60,6 +60,19 @@ def test_tracker_leaves_long_gaps_and_other_objects_apart():
     assert len(tracker.final_boxes(8)[0]) == 1
 
 
+def test_low_boxes_continue_a_track_but_never_start_one():
+    """ByteTrack's rule: a box under the threshold is kept only next to a confident one of its
+    track, before it (reaching back) or after it."""
+    tracker = IoUTracker(max_gap=3)
+    scores = [0.4, 0.45, 0.9, 0.5, 0.4]  # confident on frame 2 only
+    for f, score in enumerate(scores):
+        dets = Detections([[10 + f, 10, 30 + f, 30], [200, 200, 220, 220]], [score, 0.4], [0, 0])
+        tracker.update(f, dets, np.array([score >= 0.8, False]))
+    for f in range(5):
+        boxes, ids = tracker.final_boxes(f)
+        assert len(boxes) == 1 and ids.tolist() == [0], f  # the lone low box at (200, 200) is dropped
+
+
 # --- clips and hostile files ---
 
 def _clip_with_audio(path: Path, frames: int = 30) -> None:
