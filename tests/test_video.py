@@ -296,3 +296,22 @@ def test_quote_prices_videos_from_their_header(tmp_path):
     quote = quote_items(list_sources([str(tmp_path)]), load_pricing(None), ["face"], ArchiveOptions())
     assert (quote["videos"], quote["unreadable"]) == (1, 1)
     assert quote["credits"] == pytest.approx(max(10.0 * 4.004 / 60, 1.0))
+
+
+def test_video_on_s3_is_listed_streamed_and_written(s3_endpoint, s3fs_client, tmp_path):
+    """An S3 prefix: the video is listed as `video`, read through an fsspec file object (ranged
+    reads), and its output put back to S3 whole."""
+    from operators.sources import list_sources
+    from operators.video import VideoOptions, process_video
+
+    s3fs_client.mkdir("vids")
+    s3fs_client.put_file(str(clip_paths()["carphone_pristine.mp4"]), "vids/in/car.mp4")
+    opts = {"endpoint_url": s3_endpoint, "key": "testing", "secret": "testing"}
+    rows = list_sources(["s3://vids/in/"], opts)
+    assert [(r["rel_path"], r["kind"]) for r in rows] == [("car.mp4", "video")]
+    result = process_video(_Blinking(set()), rows[0] | {"member": ""},
+                           VideoOptions(job_root="s3://vids/out/job", storage_options=opts))
+    assert result["status"] == "done" and result["frames"] == 120, result
+    assert result["output_url"] == "s3://vids/out/job/images/car.mp4"
+    s3fs_client.get_file("vids/out/job/images/car.mp4", str(tmp_path / "car.mp4"))
+    assert len(_frames(tmp_path / "car.mp4")[0]) == 120
