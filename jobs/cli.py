@@ -91,9 +91,9 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
 def _add_video_options(p: argparse.ArgumentParser) -> None:
     """Video flags (issue 21)."""
     _opt(p, "--tracking", action="store_true", default=None,
-         help="link a video's detections over frames and blur faces missed for up to 5 frames (default on)")
+         help="link a video's detections over frames and blur faces missed for up to 5 frames (default True)")
     _opt(p, "--no-tracking", dest="tracking", action="store_false", default=None,
-         help="each video frame on its own detections only (Celantur's no-object-tracking)")
+         help="each video frame on its own detections only (Celantur's no-object-tracking; default True: tracking)")
     _opt(p, "--detect-every", type=int, help="detect on every Nth video frame; tracking fills the rest (default 1)")
     _opt(p, "--crf", type=int, help="video quality, constant rate factor 0..51 (default 23; lower = better)")
     _opt(p, "--keep-bit-rate", action="store_true", default=None,

@@ -43,6 +43,7 @@ METAVARS = {
     "profile": "NAME", "detect_models": "NAME,...", "models": "FILE", "pricing": "FILE", "spec": "FILE", "job_id": "ID",
     "archive_password": "PASSWORD", "archive_password_file": "FILE", "webhook": "URL",
     "web_auth_header_name": "NAME", "web_auth_header_value": "VALUE",
+    "detect_every": "N", "crf": "0..51",
 }
 
 
