@@ -161,7 +161,11 @@ def _transcode(detector, container, row: dict, options: VideoOptions, result: di
     try:
         if options.strip_metadata == "none":
             out.metadata.update(container.metadata)
-        vout = add_video_output(out, vin, info, options.crf, options.keep_bit_rate)
+        # one segment of a long video (operators/video_segments.py): [start, end) seconds, cut at keyframes
+        span = row.get("segment")
+        vout = add_video_output(out, vin, info, options.crf, options.keep_bit_rate, b_frames=not span)
+        if span:
+            container.seek(int(span[0] * av.time_base), backward=True)
         copies = {}
         for s in keep:
             try:
@@ -173,8 +177,9 @@ def _transcode(detector, container, row: dict, options: VideoOptions, result: di
             for packet in container.demux(vin, *[s for s in keep if s.index in copies]):
                 if packet.stream.index == vin.index:
                     for frame in packet.decode():
-                        frames.push(frame)
-                elif packet.dts is not None:
+                        if _inside(span, frame.time):
+                            frames.push(frame)
+                elif packet.dts is not None and _inside(span, packet.pts and float(packet.pts * packet.time_base)):
                     packet.stream = copies[packet.stream.index]
                     out.mux(packet)
         except av.error.FFmpegError as exc:  # damage: what was decoded so far is still written
@@ -185,7 +190,7 @@ def _transcode(detector, container, row: dict, options: VideoOptions, result: di
     finally:
         out.close()
     try:
-        if not defect and info.frames and frames.count < info.frames - 1:
+        if not defect and not span and info.frames and frames.count < info.frames - 1:
             defect = f"truncated: {frames.count} of the {info.frames} frames the header declares could be decoded"
         result["frames"] = frames.count
         if frames.count and not detect_only:
@@ -198,6 +203,11 @@ def _transcode(detector, container, row: dict, options: VideoOptions, result: di
         shutil.rmtree(tmp_dir, ignore_errors=True)
     if defect:
         raise VideoDefect(defect)
+
+
+def _inside(span: tuple[float, float] | None, t: float | None) -> bool:
+    """Whether time `t` (s) belongs to the segment `span` (everything does without one)."""
+    return not span or t is None or span[0] - 1e-6 <= t < span[1] - 1e-6
 
 
 class _FrameLoop:

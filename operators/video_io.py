@@ -154,13 +154,16 @@ def encoder_options(encoder: str, crf: int) -> dict[str, str]:
 
 
 def add_video_output(out: av.container.OutputContainer, src, info: VideoInfo, crf: int,
-                     keep_bit_rate: bool) -> av.video.stream.VideoStream:
+                     keep_bit_rate: bool, b_frames: bool = True) -> av.video.stream.VideoStream:
     """The output video stream: same size, rate and time base as `src`; CRF quality, or the
     source's bit rate with `keep_bit_rate`; the display rotation copied."""
     muxer = out.format.name.split(",")[0]
     encoder = choose_encoder(info.codec, muxer)
     rate = src.average_rate or src.guessed_rate or 25
-    stream = out.add_stream(encoder, rate=rate, options={} if keep_bit_rate else encoder_options(encoder, crf))
+    options = {} if keep_bit_rate else encoder_options(encoder, crf)
+    if not b_frames:  # segments joined by stream copy: decode order = display order, no dts before a cut
+        options["bf"] = "0"
+    stream = out.add_stream(encoder, rate=rate, options=options)
     stream.width, stream.height = info.width, info.height
     stream.pix_fmt = "yuv420p" if encoder != "mjpeg" else "yuvj420p"
     stream.time_base = src.time_base  # timestamps are copied as they are
