@@ -98,6 +98,9 @@ def _add_video_options(p: argparse.ArgumentParser) -> None:
     _opt(p, "--crf", type=int, help="video quality, constant rate factor 0..51 (default 23; lower = better)")
     _opt(p, "--keep-bit-rate", action="store_true", default=None,
          help="encode videos at their source bit rate instead of --crf")
+    _opt(p, "--video-segment-seconds", type=float,
+         help="videos of 1.5 segments or more are cut at keyframes into segments of about this many seconds, "
+              "run in parallel and joined by stream copy; 0 = never (default 20)")
 
 
 def _add_billing_options(p: argparse.ArgumentParser) -> None:

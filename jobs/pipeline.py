@@ -29,6 +29,7 @@ from operators.prepare import prepare_batch
 from operators.repack import repack_archive
 from operators.resume import drop_finished
 from operators.video import VideoOptions, process_videos
+from operators.video_segments import SegmentJoiner, split_rows
 from operators.write import WriteOptions, write_batch
 
 PREPARE_BATCH = 4  # items per read+prepare task batch: small, since each holds a detection copy
@@ -236,6 +237,16 @@ class RemoteLedger:
         return ray.get(self.actor.state.remote())
 
 
+class RemoteJoiner:
+    """The job's SegmentJoiner in one Ray actor: the write tasks of a long video's segments meet there."""
+
+    def __init__(self):
+        self.actor = ray.remote(num_cpus=0)(SegmentJoiner).remote()
+
+    def add(self, item_id: str, k: int, n: int, doc: str) -> list[str] | None:
+        return ray.get(self.actor.add.remote(item_id, k, n, doc))
+
+
 _FINISHED: dict[str, set] = {}  # per worker process: the resume set, fetched once
 
 
@@ -298,6 +309,9 @@ def build_dataset(
             "billing": billing,
         },
     )
+    if spec.video_segment_seconds:  # long videos: one row per segment (operators/video_segments.py)
+        ds = ds.map_batches(split_rows, batch_format="numpy", num_cpus=TASK_CPUS,
+                            fn_kwargs={"seconds": spec.video_segment_seconds, "storage_options": spec.storage_options})
     ds = ds.map_batches(
         _RayDetector,
         batch_size=spec.batch_size,
@@ -332,6 +346,7 @@ def build_dataset(
         strip_metadata=spec.strip_metadata,
         storage_options=spec.storage_options,
         ledger=billing.ledger if billing else None,
+        segments=RemoteJoiner() if spec.video_segment_seconds else None,
     )
     per_write = LARGE_JOB_WRITE_BATCH if expected_items(sources) >= LARGE_JOB_ITEMS else WRITE_BATCH
     return ds.map_batches(write_batch, batch_size=per_write, batch_format="numpy", num_cpus=TASK_CPUS,

@@ -105,7 +105,15 @@ def process_videos(detector, batch: dict[str, np.ndarray], options: VideoOptions
         out[key] = np.array(batch[key], dtype=object)
     for i in todo:
         row = {k: batch[k][i] for k in batch}
+        segment = (json.loads(row["video"]) if row.get("video") else {}).get("segment")
+        if segment:  # one piece of a long video (operators/video_segments.py): written to a scratch path
+            k, _, start, end = segment
+            ext = os.path.splitext(str(row["rel_path"]))[1]
+            row.update(segment=(start, float("inf") if end is None else end),
+                       output_rel=f"segments/{row['item_id']}/{k:05d}{ext}")
         result = process_video(detector, row, options)
+        if segment:
+            result["segment"] = segment
         out["status"][i], out["failure_cause"][i] = result.pop("status"), result.pop("failure_cause")
         out["error"][i] = result.pop("error")
         out["video"][i] = json.dumps(result, separators=(",", ":"))
@@ -194,8 +202,8 @@ def _transcode(detector, container, row: dict, options: VideoOptions, result: di
             defect = f"truncated: {frames.count} of the {info.frames} frames the header declares could be decoded"
         result["frames"] = frames.count
         if frames.count and not detect_only:
-            url = join(options.job_root, "images", str(row["rel_path"]))
-            _upload(tmp, url, options.storage_options)
+            url = join(options.job_root, row.get("output_rel") or f"images/{row['rel_path']}")
+            upload(tmp, url, options.storage_options)
             result.update(output_url=url, bytes_out=os.path.getsize(tmp))
         elif not frames.count:
             defect = defect or "no frame could be decoded"
@@ -281,7 +289,7 @@ class _FrameLoop:
             self.out.mux(packet)
 
 
-def _upload(tmp: str, url: str, storage_options: dict | None) -> None:
+def upload(tmp: str, url: str, storage_options: dict | None) -> None:
     """Move the finished file to its output path whole (a reader never sees half a video)."""
     fs, path = filesystem(url, storage_options)
     if is_local(url):

@@ -136,7 +136,8 @@ def video_job(tmp_path_factory, shared_dir, ray_local):
     (src / "empty.mp4").write_bytes(b"")
     (src / "text.mp4").write_text("this is not a video")
     spec = build_spec({"inputs": [str(src)], "output": str(root / "out"), "job_id": "vid", "face": True,
-                       "detect_models": ["centerface"], "face_threshold": FACE_THRESHOLD})
+                       "detect_models": ["centerface"], "face_threshold": FACE_THRESHOLD,
+                       "video_segment_seconds": 3})  # bikes (10 s) runs as 3 segments, carphone (4 s) whole
     doc = run_job(spec)
     job = root / "out" / "vid"
     images = {r["rel_path"]: r for r in pq.read_table(job / "manifest/images").to_pylist()}
@@ -157,6 +158,10 @@ def test_videos_are_items_with_their_rows(video_job):
         assert Path(row["output_url"]) == job / "images" / name
     assert images["carphone_pristine.mp4"]["frames"] == 120 and images["bikes.mp4"]["frames"] == 250
     assert images["photo.jpg"]["status"] == "done" and images["photo.jpg"]["frames"] is None
+    # bikes.mp4 ran as segments (encoded without B-frames, so they join by stream copy), carphone whole
+    with av.open(str(job / "images/bikes.mp4")) as b, av.open(str(job / "images/carphone_pristine.mp4")) as c:
+        assert not b.streams.video[0].codec_context.has_b_frames and c.streams.video[0].codec_context.has_b_frames
+    assert not [p for p in (job / "segments").rglob("*") if p.is_file()]  # the scratch segments are gone
     car = [d for d in dets if d["item_id"] == images["carphone_pristine.mp4"]["item_id"]]
     assert {d["frame"] for d in car} == set(range(120))  # the face is blurred on every frame
     assert all(d["track_id"] is not None for d in car) and images["carphone_pristine.mp4"]["n_face"] >= 1
