@@ -312,9 +312,12 @@ def build_dataset(
     if spec.video_segment_seconds:  # long videos: one row per segment (operators/video_segments.py)
         ds = ds.map_batches(split_rows, batch_format="numpy", num_cpus=TASK_CPUS,
                             fn_kwargs={"seconds": spec.video_segment_seconds, "storage_options": spec.storage_options})
+    # A video (or segment) is a whole actor's work: batches of one spread them over the actors
+    # (CPU actors detect one image at a time anyway; listed videos only, not archive members).
+    videos = res.device != "cuda" and any(s.get("kind") == "video" for s in sources)
     ds = ds.map_batches(
         _RayDetector,
-        batch_size=spec.batch_size,
+        batch_size=1 if videos else spec.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=res.detect_actors),
         num_cpus=0 if res.device == "cuda" else res.cpus_per_actor,

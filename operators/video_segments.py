@@ -149,9 +149,13 @@ def finish(parts: list[str], rel_path: str, job_root: str, storage_options: dict
               "status": failed["status"] if failed else "done",
               "failure_cause": failed.get("failure_cause", "") if failed else "",
               "error": failed.get("error", "") if failed else ""}
+    tracks = 0  # track ids restart in each segment: shifted to stay unique in the video
     for d in keep:
-        merged["dets"] += [[det[0] + merged["frames"], *det[1:]] for det in d.get("dets") or []]
+        dets = d.get("dets") or []
+        merged["dets"] += [[det[0] + merged["frames"], det[1] + tracks if det[1] >= 0 else -1, *det[2:]]
+                           for det in dets]
         merged["frames"] += int(d.get("frames") or 0)
+        tracks += max((det[1] + 1 for det in dets), default=0)
     declared = int(merged["info"].get("frames") or 0)
     if not failed and declared and merged["frames"] < declared - 1:  # each segment only sees its own span
         merged.update(status="failed", failure_cause=VIDEO_DEFECT, error=f"{rel_path}: truncated: {merged['frames']} "
