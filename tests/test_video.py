@@ -349,3 +349,40 @@ def test_segments_cut_at_keyframes_and_join_to_the_same_frames(tmp_path):
     assert pts_a == pts_b and len(a) == 250 and boxes == len(whole["dets"]) == 250
     diff = np.mean([np.abs(x.astype(int) - y.astype(int)).mean() for x, y in zip(a, b, strict=True)])
     assert diff < 3, diff
+
+
+@pytest.mark.parametrize("rotation", [90, 270])
+def test_rotated_video_is_detected_upright_and_boxes_land_on_stored_pixels(tmp_path, rotation):
+    """A phone stores portrait video turned, with a display rotation: the detector sees the frames
+    upright (CenterFace finds the carphone face on every frame), and the boxes are mapped back to
+    the stored (turned) pixels."""
+    from models.catalog import load_catalog
+    from models.fetch import prepared_weights
+    from models.profiles import for_entries
+    from operators.detect import Detector
+    from operators.video import VideoOptions, process_video
+
+    entry = load_catalog()["centerface"]
+    det = Detector([(entry.model_dump(), prepared_weights(entry))], ["face"],
+                   for_entries([entry], ["face"], {"face": FACE_THRESHOLD}).model_dump(), "cpu", 1)
+    frames, _ = _frames(clip_paths()["carphone_pristine.mp4"])
+    k = -1 if rotation == 90 else 1  # stored turned so that the display rotation turns it back
+    with av.open(str(tmp_path / "r.mp4"), "w") as out:
+        v = out.add_stream("libx264", rate=30)
+        v.width, v.height, v.pix_fmt = 144, 176, "yuv420p"
+        v.set_display_rotation(rotation)
+        for f in frames[:30]:
+            for p in v.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(np.rot90(f, k)), format="rgb24")):
+                out.mux(p)
+        for p in v.encode(None):
+            out.mux(p)
+    result = process_video(det, {"source_url": str(tmp_path / "r.mp4"), "rel_path": "r.mp4", "member": ""},
+                           VideoOptions(job_root=str(tmp_path / "out"), tracking=False))
+    assert result["info"]["rotation"] == rotation and {d[0] for d in result["dets"]} == set(range(30))
+    x1, y1, x2, y2 = result["dets"][0][4:8]
+    upright = [65, 35, 113, 97]  # the face in carphone's own pixels (176 x 144)
+    expected = [144 - upright[3], upright[0], 144 - upright[1], upright[2]] if rotation == 90 else \
+        [upright[1], 176 - upright[2], upright[3], 176 - upright[0]]
+    assert np.abs(np.array([x1, y1, x2, y2]) - expected).max() < 6, ([x1, y1, x2, y2], expected)
+    with av.open(result["output_url"]) as c:
+        assert next(c.decode(video=0)).rotation % 360 == rotation
