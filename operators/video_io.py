@@ -9,7 +9,6 @@ as bytes (the archive reader returns them whole, at most --max-member-bytes).
 from __future__ import annotations
 
 import io
-import posixpath
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +16,6 @@ import av
 
 from operators.storage import filesystem
 
-VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".avi", ".webm")
 # container by extension: the output keeps the input's (FFmpeg muxer names)
 MUXERS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska", ".avi": "avi", ".webm": "webm"}
 # decoder name -> encoders of the same family, best first (what this FFmpeg build has is used)
@@ -54,10 +52,6 @@ class VideoInfo:
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
-
-
-def is_video_name(name: str) -> bool:
-    return posixpath.splitext(name.lower())[1] in VIDEO_EXTENSIONS
 
 
 def open_source(source_url: str, storage_options: dict | None, data: bytes | None = None):
