@@ -29,6 +29,8 @@ from operators.detect import Detector
 from operators.prepare import prepare_batch
 from operators.repack import repack_archive
 from operators.resume import drop_finished
+from operators.video import VideoOptions, process_videos
+from operators.video_segments import SegmentJoiner, split_rows
 from operators.write import WriteOptions, write_batch
 
 PREPARE_BATCH = 4  # items per read+prepare task batch: small, since each holds a detection copy
@@ -215,6 +217,16 @@ class RemoteLedger:
         return ray.get(self.actor.state.remote())
 
 
+class RemoteJoiner:
+    """The job's SegmentJoiner in one Ray actor: the write tasks of a long video's segments meet there."""
+
+    def __init__(self):
+        self.actor = ray.remote(num_cpus=0)(SegmentJoiner).remote()
+
+    def add(self, item_id: str, k: int, n: int, doc: str) -> list[str] | None:
+        return ray.get(self.actor.add.remote(item_id, k, n, doc))
+
+
 _FINISHED: dict[str, set] = {}  # per worker process: the resume set, fetched once
 
 
@@ -232,8 +244,13 @@ def _drop_finished(batch: dict, finished_ref) -> dict:
 class _RayDetector(Detector):
     """Detector whose weights arrive as object references (resolved once, when the actor starts)."""
 
-    def __init__(self, model_refs: list, **kwargs):
+    def __init__(self, model_refs: list, video: VideoOptions | None = None, **kwargs):
         super().__init__([(entry, ray.get(ref)) for entry, ref in model_refs], **kwargs)
+        self.video = video
+
+    def __call__(self, batch: dict) -> dict:
+        # videos run whole here, frame by frame (operators/video.py); their rows then pass through
+        return super().__call__(process_videos(self, batch, self.video) if self.video else batch)
 
 
 def build_dataset(
@@ -272,9 +289,15 @@ def build_dataset(
             "billing": billing,
         },
     )
+    if spec.video_segment_seconds:  # long videos: one row per segment (operators/video_segments.py)
+        ds = ds.map_batches(split_rows, batch_format="numpy", num_cpus=TASK_CPUS,
+                            fn_kwargs={"seconds": spec.video_segment_seconds, "storage_options": spec.storage_options})
+    # A video (or segment) is a whole actor's work: batches of one spread them over the actors
+    # (CPU actors detect one image at a time anyway; listed videos only, not archive members).
+    videos = res.device != "cuda" and any(s.get("kind") == "video" for s in sources)
     ds = ds.map_batches(
         _RayDetector,
-        batch_size=spec.batch_size,
+        batch_size=1 if videos else spec.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=res.detect_actors),
         num_cpus=0 if res.device == "cuda" else res.cpus_per_actor,
@@ -289,12 +312,21 @@ def build_dataset(
             "device": res.backend,
             "threads": res.threads_per_actor,
             "format": spec.detect_format(),
+            "video": video_options(spec, job_root),
         },
     )
-    options: WriteOptions = write_options(spec, job_root, ledger=billing.ledger if billing else None)
+    options: WriteOptions = write_options(spec, job_root, ledger=billing.ledger if billing else None,
+                                          segments=RemoteJoiner() if spec.video_segment_seconds else None)
     per_write = LARGE_JOB_WRITE_BATCH if expected_items(sources) >= LARGE_JOB_ITEMS else WRITE_BATCH
     return ds.map_batches(write_batch, batch_size=per_write, batch_format="numpy", num_cpus=TASK_CPUS,
                           fn_kwargs={"options": options})
+
+
+def video_options(spec: JobSpec, job_root: str) -> VideoOptions:
+    return VideoOptions(job_root=job_root, anonymize=spec.anonymize_options(), crf=spec.crf,
+                        keep_bit_rate=spec.keep_bit_rate, tracking=spec.tracking, detect_every=spec.detect_every,
+                        det_max_side=spec.det_max_side, strip_metadata=spec.strip_metadata, debug=spec.debug,
+                        storage_options=dict(spec.storage_options))
 
 
 def repack_archives(groups: dict[str, list[tuple[str, str]]], job_root: str, storage_options: dict) -> list[dict]:

@@ -35,6 +35,7 @@ class Pricing(BaseModel):
     credits_per_megapixel: float = Field(0.0, ge=0)
     size_tiers: list[SizeTier] = Field(default_factory=list)
     credits_per_class: dict[str, float] = Field(default_factory=dict)
+    credits_per_video_minute: float = Field(10.0, ge=0)  # a video that ends `done`, by its declared duration
     minimum_per_job: float = Field(0.0, ge=0)
     failed_credits: float = Field(0.0, ge=0, le=0)  # kept explicit: failed and skipped items are free
     cpu_hour_price: float = Field(0.048, ge=0)
@@ -64,6 +65,12 @@ class Pricing(BaseModel):
             credits += tier.credits
         credits += sum(self.credits_per_class.get(c, 0.0) for c in classes)
         return round(credits, 6)
+
+    def video_credits(self, duration_s: float, classes: list[str]) -> float:
+        """Credits for one video that ends `done`: its minutes (header duration, no decoding), at
+        least one image's worth, plus the per-class extras once."""
+        credits = max(self.credits_per_video_minute * duration_s / 60, self.credits_per_image)
+        return round(credits + sum(self.credits_per_class.get(c, 0.0) for c in classes), 6)
 
     def job_credits(self, item_credits_sum: float) -> float:
         """A job that charges anything charges at least the minimum."""

@@ -89,14 +89,16 @@ def quote_items(
             bucket["images"] += 1
             bucket["megapixels"] += size[0] * size[1] / 1e6
             bucket["credits"] += pricing.item_credits(size[0], size[1], classes)
+    _quote_videos(rows, pricing, classes, archive, storage_options, total, by_prefix)
     for bucket in (total, *by_prefix.values()):
-        bucket["not_billable"] = bucket["items"] - bucket["images"]
+        bucket["not_billable"] = bucket["items"] - bucket["images"] - bucket["videos"]
         bucket["megapixels"] = round(bucket["megapixels"], 3)
         bucket["credits"] = round(bucket["credits"], 6)
     total["credits"] = pricing.job_credits(total["credits"])
     return {
         "items": total["items"],
         "images": total["images"],
+        "videos": total["videos"],
         "unreadable": total["unreadable"],
         "not_billable": total["not_billable"],
         "megapixels": total["megapixels"],
@@ -108,7 +110,36 @@ def quote_items(
 
 
 def _empty() -> dict:
-    return {"items": 0, "images": 0, "unreadable": 0, "megapixels": 0.0, "credits": 0.0}
+    return {"items": 0, "images": 0, "videos": 0, "unreadable": 0, "megapixels": 0.0, "credits": 0.0}
+
+
+def _quote_videos(rows: list[dict], pricing: Pricing, classes: list[str], archive: ArchiveOptions,
+                  storage_options: dict | None, total: dict, by_prefix: dict[str, dict]) -> None:
+    """Videos are priced by their duration, read from the container header only (no frame decoded)."""
+    from operators.video_io import probe_source
+
+    videos = [r for r in rows if r["kind"] == "video" and not r.get("status")]
+
+    def duration(row: dict) -> float | None:
+        try:
+            data = None
+            if row.get("member"):
+                from operators.archives import read_member
+
+                data = read_member(row, storage_options)
+            return probe_source(row["source_url"], storage_options, data).duration_s
+        except Exception:
+            return None
+
+    with ThreadPoolExecutor(THREADS) as pool:
+        durations = list(pool.map(duration, videos))
+    for row, seconds in zip(videos, durations, strict=True):
+        for bucket in (total, by_prefix[prefix_of(row["rel_path"])]):
+            if seconds is None:
+                bucket["unreadable"] += 1
+                continue
+            bucket["videos"] += 1
+            bucket["credits"] += pricing.video_credits(seconds, classes)
 
 
 def quote_text(quote: dict) -> str:

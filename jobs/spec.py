@@ -132,6 +132,14 @@ class JobSpec(BaseModel):
     repack: Literal["none", "zip"] = Field("none", description="also write each input archive's anonymized members "
                                                                "as one zip under OUTPUT/JOB_ID/archives/")
 
+    # --- video (issue 21, operators/video.py) ---
+    tracking: bool = Field(True, description="link a video's detections over frames and fill short gaps")
+    detect_every: int = Field(1, ge=1, le=100, description="run the detector on every Nth video frame")
+    crf: int = Field(23, ge=0, le=51, description="video quality (constant rate factor; lower = better)")
+    keep_bit_rate: bool = Field(False, description="encode videos at their source bit rate instead of a CRF")
+    video_segment_seconds: float = Field(20.0, ge=0, description="long videos run as segments of about this "
+                                                                 "many seconds, cut at keyframes (0 = whole)")
+
     # --- credits, approval and notification (issue 7) ---
     pricing: str | None = Field(None, description="pricing table file (YAML/JSON) laid over the default")
     max_credits: float | None = Field(None, ge=0, description="hard cap on the credits the job may charge")

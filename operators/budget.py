@@ -55,3 +55,6 @@ class Billing:
 
     def credits(self, width: int, height: int) -> float:
         return float(self.pricing.item_credits(int(width), int(height), self.classes))
+
+    def video_credits(self, duration_s: float) -> float:
+        return float(self.pricing.video_credits(float(duration_s), self.classes))

@@ -17,6 +17,8 @@ CAUSES = {
     "OUTPUT_PATH_ERROR": "the output path cannot be written: it collides with another item's, "
                          "clashes with a file or folder, or is too long",
     "DETECTION_ERROR": "the detector failed on this image (the rest of its batch goes on)",
+    "VIDEO_DEFECT": "a video that cannot be opened, has no video stream, or whose decoding breaks or ends short "
+                    "of its declared frames (the frames before the damage are still written)",
     "INTERNAL_ERROR": "anything else (the error column says what)",
 }
 
@@ -24,3 +26,4 @@ MULTI_FRAME = "MULTI_FRAME"
 OUTPUT_PATH_ERROR = "OUTPUT_PATH_ERROR"
 DETECTION_ERROR = "DETECTION_ERROR"
 UNSAFE_PATH = "UNSAFE_PATH"
+VIDEO_DEFECT = "VIDEO_DEFECT"

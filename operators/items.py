@@ -11,6 +11,7 @@ IMAGE_FORMATS = {  # extension -> format name (output keeps the input's format)
     ".png": "png", ".bmp": "bmp", ".webp": "webp", ".tif": "tiff", ".tiff": "tiff",
 }
 ARCHIVE_EXTENSIONS = (".zip", ".7z", ".rar", ".cbz", ".cbr", ".cb7")
+VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".avi", ".webm")  # issue 21: one item per video
 
 
 class UnsafePath(ValueError):
@@ -23,10 +24,12 @@ def item_id(source_url: str, member: str = "") -> str:
 
 
 def kind_of(name: str) -> str:
-    """"image", "archive" or "other", from the name alone (content is checked when read)."""
+    """"image", "archive", "video" or "other", from the name alone (content is checked when read)."""
     lower = name.lower()
     if lower.endswith(ARCHIVE_EXTENSIONS):
         return "archive"
+    if lower.endswith(VIDEO_EXTENSIONS):
+        return "video"
     return "image" if posixpath.splitext(lower)[1] in IMAGE_FORMATS else "other"
 
 

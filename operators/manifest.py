@@ -49,6 +49,11 @@ IMAGES_SCHEMA = pa.schema([
     ("cpu_write_ms", pa.float64()),
     ("gpu_detect_ms", pa.float64()),   # GPU time held while detecting (0 on CPU)
     ("processed_at", pa.timestamp("ms", tz="UTC")),
+    # videos (issue 21); null for images
+    ("frames", pa.int32()),
+    ("duration_s", pa.float64()),
+    ("codec", pa.string()),
+    ("fps", pa.float64()),
 ])
 
 DETECTIONS_SCHEMA = pa.schema([
@@ -66,6 +71,8 @@ DETECTIONS_SCHEMA = pa.schema([
     ("is_anonymised", pa.bool_()),
     ("model", pa.string()),
     ("tile", pa.int16()),
+    ("frame", pa.int32()),            # videos: the frame index (0-based, decode order); null for images
+    ("track_id", pa.int32()),         # videos with tracking: the object's track; null otherwise
 ])
 
 

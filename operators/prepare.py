@@ -8,6 +8,8 @@ the original bytes for the writer; no full-resolution frame leaves this stage.
 from __future__ import annotations
 
 import io
+import json
+import posixpath
 import time
 import warnings
 
@@ -16,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from operators.budget import Billing
-from operators.causes import MULTI_FRAME
+from operators.causes import MULTI_FRAME, VIDEO_DEFECT
 from operators.codecs import PNG_SIGNATURE, image_end
 from operators.items import format_from_name, sniff_format
 from operators.orientation import upright
@@ -66,6 +68,7 @@ def prepare_batch(
 PREPARED_COLUMNS = (
     "data", "format", "width", "height", "orientation", "det", "det_w", "det_h",
     "status", "failure_cause", "error", "credits", "t_read_ms", "t_decode_ms", "cpu_prepare_ms",
+    "video",  # a video's header (JSON, operators/video.py); "" for images
 )
 
 
@@ -74,7 +77,9 @@ def charge(out: dict[str, list], item_ids: list[str], billing: Billing) -> None:
     (BUDGET_EXCEEDED: the item is not detected nor written, and costs nothing)."""
     pending = [i for i, s in enumerate(out["status"]) if s == "pending"]
     for i in pending:
-        out["credits"][i] = billing.credits(out["width"][i], out["height"][i])
+        video = json.loads(out["video"][i]) if out.get("video") and out["video"][i] else None
+        out["credits"][i] = (billing.video_credits(video["info"]["duration_s"]) if video
+                             else billing.credits(out["width"][i], out["height"][i]))
     if billing.ledger is None or not pending:
         return
     granted = billing.ledger.reserve([(item_ids[i], out["credits"][i]) for i in pending])
@@ -89,11 +94,13 @@ def prepare_item(row: dict, storage_options: dict | None, det_max_side: int, max
     result = dict.fromkeys(PREPARED_COLUMNS)
     result.update(data=b"", det=b"", format="", width=0, height=0, orientation=1, det_w=0, det_h=0,
                   status="pending", failure_cause="", error="", credits=0.0, t_read_ms=0.0, t_decode_ms=0.0,
-                  cpu_prepare_ms=0.0)
+                  cpu_prepare_ms=0.0, video="")
     if str(row.get("status") or "") in ("failed", "skipped"):  # decided upstream (archive expand)
         result.update(status=str(row["status"]), failure_cause=str(row.get("failure_cause") or ""),
                       error=str(row.get("error") or ""))
         return result
+    if row["kind"] == "video":
+        return _prepare_video(row, result, storage_options)
     if row["kind"] != "image":
         result.update(status="skipped", error=f"not an image ({row['kind']})")
         return result
@@ -126,6 +133,29 @@ def prepare_item(row: dict, storage_options: dict | None, det_max_side: int, max
                   det=det.tobytes(), det_h=det.shape[0], det_w=det.shape[1],
                   t_decode_ms=(time.perf_counter() - t1) * 1e3)
     return result
+
+
+def _prepare_video(row: dict, result: dict, storage_options: dict | None) -> dict:
+    """A video's header only (size, duration for its price); its frames are read, streamed, by the
+    detection actor (operators/video.py). An archive member's bytes are read here and carried."""
+    from operators.video_io import VideoDefect, probe_source
+
+    t0 = time.perf_counter()
+    try:
+        data = fetch_item_bytes(row, storage_options) if row.get("member") else None
+        info = probe_source(str(row["source_url"]), storage_options, data)
+    except ItemFailure as exc:
+        return result | {"status": "failed", "failure_cause": exc.cause, "error": str(exc)}
+    except VideoDefect as exc:
+        return result | {"status": "failed", "failure_cause": VIDEO_DEFECT, "error": f"{row['rel_path']}: {exc}"}
+    except FileNotFoundError as exc:
+        return result | {"status": "failed", "failure_cause": "TASK_FILE_DOESNT_EXIST", "error": str(exc)}
+    except Exception as exc:  # network, permissions, an FFmpeg error on odd bytes: this item only
+        cause = "SOURCE_UNAVAILABLE" if is_unavailable(exc) else VIDEO_DEFECT
+        return result | {"status": "failed", "failure_cause": cause, "error": f"video header: {exc!r}"[:500]}
+    return result | {"data": data or b"", "format": posixpath.splitext(str(row["rel_path"]).lower())[1][1:],
+                     "width": info.width, "height": info.height, "t_read_ms": (time.perf_counter() - t0) * 1e3,
+                     "video": json.dumps({"info": info.as_dict()})}
 
 
 def fetch_item_bytes(row: dict, storage_options: dict | None) -> bytes:

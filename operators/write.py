@@ -31,6 +31,9 @@ from operators.codecs import (
 )
 from operators.manifest import DETECTIONS_SCHEMA, IMAGES_SCHEMA, batch_part_name, write_part
 from operators.storage import is_no_space, join, write_atomic
+from operators.video import manifest_rows as video_manifest_rows
+from operators.video_segments import SegmentJoiner
+from operators.video_segments import finish as finish_segments
 
 
 @dataclass
@@ -48,6 +51,7 @@ class WriteOptions:
     strip_metadata: str = "none"  # none | gps | all
     storage_options: dict | None = None
     ledger: Any = None  # the job's CreditLedger when --max-credits is set: failed items give credits back
+    segments: Any = None  # the job's SegmentJoiner (a Ray actor): long videos' segments meet there
 
     @property
     def method(self) -> str:
@@ -64,9 +68,17 @@ def write_batch(batch: dict[str, np.ndarray], options: WriteOptions) -> dict[str
     image_rows, det_rows, given_back = [], [], []
     for i in range(len(batch["item_id"])):
         row = {k: batch[k][i] for k in batch}
-        image_row, dets, anonymised = write_item(row, options)
-        image_rows.append(image_row)
-        det_rows.extend(detection_rows(image_row, dets, anonymised))
+        if str(row.get("kind")) == "video" and row.get("video"):  # written by the detection actor
+            row, video_json = _video_result(row, options)
+            if row is None:  # a segment of a video whose other segments are not all written yet
+                continue
+            image_row, video_dets = video_manifest_rows(_video_row(row, options), video_json)
+            image_rows.append(image_row)
+            det_rows.extend(video_dets)
+        else:
+            image_row, dets, anonymised = write_item(row, options)
+            image_rows.append(image_row)
+            det_rows.extend(detection_rows(image_row, dets, anonymised))
         reserved = float(row.get("credits", 0.0) or 0.0)
         if image_row["status"] != "done" and reserved:
             given_back.append((image_row["item_id"], reserved))
@@ -236,6 +248,34 @@ def _image_row(row: dict, options: WriteOptions) -> dict:
         "gpu_detect_ms": float(row.get("gpu_detect_ms", 0.0)),
         "processed_at": datetime.now(timezone.utc),
     }
+
+
+def _video_result(row: dict, options: WriteOptions) -> tuple[dict | None, str]:
+    """(row, video JSON) of a written video; for a segment (operators/video_segments.py) (None, "")
+    until its video's last segment comes in, then the joined video's."""
+    doc = json.loads(str(row["video"]))
+    if not doc.get("segment"):
+        return row, str(row["video"])
+    k, n = doc["segment"][:2]
+    doc.update(status=str(row["status"]), failure_cause=str(row["failure_cause"] or ""), error=str(row["error"] or ""),
+               credits=float(row.get("credits", 0.0) or 0.0))
+    parts = (options.segments or _LOCAL_JOINER).add(str(row["item_id"]), k, n, json.dumps(doc))
+    if parts is None:
+        return None, ""
+    merged = finish_segments(parts, str(row["rel_path"]), options.job_root, options.storage_options)
+    row = row | {key: merged[key] for key in ("status", "failure_cause", "error", "credits")}
+    return row, json.dumps(merged)
+
+
+_LOCAL_JOINER = SegmentJoiner()  # without Ray (tests): one process writes every segment
+
+
+def _video_row(row: dict, options: WriteOptions) -> dict:
+    """A video's images row before operators/video.py fills in what its run found."""
+    image_row = _image_row(row, options)
+    image_row.update(bytes_in=int(row.get("size") or 0) or image_row["bytes_in"],
+                     credits=float(row.get("credits", 0.0) or 0.0) if row["status"] == "done" else 0.0)
+    return image_row
 
 
 def detection_rows(image_row: dict, dets: Detections, anonymised: np.ndarray) -> list[dict]:

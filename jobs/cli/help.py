@@ -29,6 +29,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "archives (zip, 7z, rar)": (
         "archive_depth", "archive_password", "archive_password_file", "max_member_bytes", "max_archive_bytes",
         "max_compression_ratio", "repack"),
+    "video": ("tracking", "detect_every", "crf", "keep_bit_rate", "video_segment_seconds"),
     "jobs and billing": (
         "job_id", "spec", "spec_json", "approve", "auto_approve_below", "retry_failed", "allow_spec_change",
         "pricing", "max_credits", "webhook",
@@ -42,6 +43,7 @@ METAVARS = {
     "profile": "NAME", "detect_models": "NAME,...", "models": "FILE", "pricing": "FILE", "spec": "FILE", "job_id": "ID",
     "archive_password": "PASSWORD", "archive_password_file": "FILE", "webhook": "URL",
     "web_auth_header_name": "NAME", "web_auth_header_value": "VALUE",
+    "detect_every": "N", "crf": "0..51", "video_segment_seconds": "SECONDS",
 }
 
 

@@ -87,7 +87,23 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
     _opt(p, "--batch-size", type=int, help="images per detection batch (default 8)")
     _opt(p, "--detect-actors", type=int, help="number of detection actors (default: from the cluster's resources)")
     _add_archive_options(p)
+    _add_video_options(p)
     _add_billing_options(p)
+
+
+def _add_video_options(p: argparse.ArgumentParser) -> None:
+    """Video flags (issue 21)."""
+    _opt(p, "--tracking", action="store_true", default=None,
+         help="link a video's detections over frames and blur faces missed for up to 5 frames (default True)")
+    _opt(p, "--no-tracking", dest="tracking", action="store_false", default=None,
+         help="each video frame on its own detections only (Celantur's no-object-tracking; default True: tracking)")
+    _opt(p, "--detect-every", type=int, help="detect on every Nth video frame; tracking fills the rest (default 1)")
+    _opt(p, "--crf", type=int, help="video quality, constant rate factor 0..51 (default 23; lower = better)")
+    _opt(p, "--keep-bit-rate", action="store_true", default=None,
+         help="encode videos at their source bit rate instead of --crf")
+    _opt(p, "--video-segment-seconds", type=float,
+         help="videos of 1.5 segments or more are cut at keyframes into segments of about this many seconds, "
+              "run in parallel and joined by stream copy; 0 = never (default 20)")
 
 
 def _add_billing_options(p: argparse.ArgumentParser) -> None:
