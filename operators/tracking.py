@@ -40,10 +40,13 @@ class Track:
 
 
 class IoUTracker:
-    def __init__(self, iou: float = 0.2, max_gap: int = 5, smooth: bool = True):
+    def __init__(self, iou: float = 0.2, max_gap: int = 5, smooth: bool = True, hold: int = 0):
         """`iou`: least overlap to continue a track; `max_gap`: most frames in a row a track may
         be missed and still be filled in; `smooth`: average each box with its neighbours'."""
         self.iou, self.max_gap, self.smooth = iou, max_gap, smooth
+        # frames a track's last box is kept past its last sighting: with --detect-every N the frames
+        # after the last detection pass (N - 1) have no later sighting to interpolate towards
+        self.hold = hold
         self.tracks: list[Track] = []
         self.low: dict[int, Detections] = {}  # recent frames' low boxes that continued no track
         self.next_id = 0
@@ -137,6 +140,9 @@ class IoUTracker:
             return box, score, detail, model
         before = [f for f in t.seen if f < frame]
         after = [f for f in t.seen if f > frame]
+        if before and not after and frame - max(before) <= self.hold:
+            box, score, detail, _ = t.seen[max(before)]
+            return box, score, detail, INTERPOLATED
         if not before or not after:
             return None
         fa, fb = max(before), min(after)

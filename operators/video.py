@@ -227,7 +227,7 @@ class _FrameLoop:
             detector, info, options, out, vout, result)
         self.orientation = ROTATION_TO_EXIF.get(info.rotation, 1)
         gap = max(options.max_gap, options.detect_every)
-        self.tracker = IoUTracker(max_gap=gap) if options.tracking else None
+        self.tracker = IoUTracker(max_gap=gap, hold=options.detect_every - 1) if options.tracking else None
         # with tracking, one detection pass at the lowered thresholds; the job's own thresholds decide
         # which boxes start a track (ByteTrack's two stages)
         self.low = low_detector(detector) if options.tracking else None
