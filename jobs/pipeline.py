@@ -29,6 +29,7 @@ from operators.plan import Plan, expand_shard
 from operators.prepare import prepare_batch
 from operators.repack import repack_archive
 from operators.resume import drop_finished
+from operators.shard_resume import write_by_shard
 from operators.write import WriteOptions, write_batch
 
 PREPARE_BATCH = 4  # items per read+prepare task batch: small, since each holds a detection copy
@@ -337,7 +338,8 @@ def build_dataset(
         ledger=billing.ledger if billing else None,
     )
     per_write = LARGE_JOB_WRITE_BATCH if expected_items(sources) >= LARGE_JOB_ITEMS else WRITE_BATCH
-    return ds.map_batches(write_batch, batch_size=per_write, batch_format="numpy", num_cpus=TASK_CPUS,
+    writer = write_by_shard if isinstance(sources, Plan) else write_batch  # parts named after their shard
+    return ds.map_batches(writer, batch_size=per_write, batch_format="numpy", num_cpus=TASK_CPUS,
                           fn_kwargs={"options": options})
 
 

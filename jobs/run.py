@@ -27,6 +27,7 @@ from jobs.pricing import Pricing, load_pricing
 from jobs.progress import JobProgress
 from jobs.quote import quote_items
 from jobs.report import JobReport, Totals, now_iso, try_load_report
+from jobs.shard_seal import Sealed, ShardSealer, load_sealed, manifest_totals
 from jobs.spec import JobSpec, SpecError, spec_changes
 from jobs.webhook import post_report
 from models.fetch import prepared_weights
@@ -103,10 +104,15 @@ def _run_leased(spec: JobSpec, log, approve: bool, auto_approve_below: float | N
             return report.doc
     report.doc["approved_at"] = report.doc.get("approved_at") or now_iso()
 
-    resume = resume_state(job_root, retry_failed, spec.storage_options) if earlier else ResumeState()
+    # sealed shards (all their items final) are skipped unread; the rest of the manifest says what is finished
+    sealed = load_sealed(plan, spec.storage_options, retry_failed) if earlier else Sealed()
+    resume = resume_state(job_root, retry_failed, spec.storage_options, sealed.parts()) if earlier else ResumeState()
+    resume.charged += sealed.totals.credits
+    whole, plan = plan, plan.without(sealed.keys)
     todo = plan_todo(plan, resume.finished, spec.storage_options)
     weights = {name: prepared_weights(entry) for name, entry in models.items()}
-    note = f" ({len(resume.finished)} finished earlier)" if resume.finished else ""
+    earlier_items = len(resume.finished) + sealed.totals.items
+    note = f" ({earlier_items} finished earlier)" if earlier_items else ""
     log(f"veil job {spec.job_id}: {todo.files} files{note}, classes {', '.join(classes)} -> {job_root}")
     report.set("queued", f"{todo.files} files to process{note}")
 
@@ -133,6 +139,7 @@ def _run_leased(spec: JobSpec, log, approve: bool, auto_approve_below: float | N
             ledger = RemoteLedger(spec.max_credits, resume.charged) if spec.max_credits is not None else None
             billing = Billing(pricing, classes, ledger)
             report.set("processing", f"0 items done{note}", started_at=started_at)
+            sealer = ShardSealer(plan, job_root, todo.left, spec.storage_options)
             if todo.files:
                 # counted in items (archive members included), not files
                 progress = JobProgress(todo.archives, archive_options(spec), resume.finished, bar=bar, log=log,
@@ -143,12 +150,14 @@ def _run_leased(spec: JobSpec, log, approve: bool, auto_approve_below: float | N
                         if lease.lost.is_set():  # taken over as stale: another run owns the job now
                             raise LeaseLost(f"the lease of job {spec.job_id} was taken over by another run")
                         run_totals.add(stats)
+                        sealer.update(stats)
                         progress.update(run_totals)
                         report.progress(run_totals, progress.total, started, note)
                 finally:
                     progress.close()
+            sealed.add(sealer.close(ended=True))
             if spec.repack == "zip":
-                report.doc["repack"] = repack(spec, todo.all_archives, job_root)
+                report.doc["repack"] = repack(spec, plan_todo(whole).all_archives, job_root)
     except BaseException as exc:
         cause, description = job_failure(exc, lost)
         report.doc["totals"] = run_totals.as_dict()
@@ -164,8 +173,8 @@ def _run_leased(spec: JobSpec, log, approve: bool, auto_approve_below: float | N
         report.doc["spec_changes"] = [*report.doc.get("spec_changes", []), {"at": now_iso(), "options": changed}]
     # One row per item, whatever happened: a write task retried after its worker died rewrites its
     # parts under the same names, and writers of a killed earlier run may have finished items again.
-    drop_duplicates(job_root, spec.storage_options)
-    finish(report, spec, pricing, run_totals, time.monotonic() - started, started_at)
+    drop_duplicates(job_root, spec.storage_options, sealed.parts())
+    finish(report, spec, pricing, run_totals, time.monotonic() - started, started_at, sealed)
     notify(report, spec, log)
     return report.doc
 
@@ -201,10 +210,15 @@ def check_run_options(spec: JobSpec, auto_approve_below: float | None) -> None:
         raise SpecError(f"archive-password-file: cannot read {spec.archive_password_file}: {reason}") from None
 
 
-def finish(report: JobReport, spec: JobSpec, pricing: Pricing, run: Totals, wall: float, started_at: str) -> None:
-    """Totals, credits and cost from the manifest (so a resumed job counts each item once)."""
-    images = read_table(report.doc["outputs"]["root"], "images", spec.storage_options, columns=Totals.COLUMNS)
-    totals = Totals.from_manifest(latest_rows(images))
+def finish(report: JobReport, spec: JobSpec, pricing: Pricing, run: Totals, wall: float, started_at: str,
+           sealed: Sealed | None = None) -> None:
+    """Totals, credits and cost from the manifest (so a resumed job counts each item once); with
+    `sealed`, its shards' totals come from their markers and only the rest of the manifest is read."""
+    if sealed is not None:
+        totals = manifest_totals(report.doc["outputs"]["root"], spec.storage_options, sealed)
+    else:
+        images = read_table(report.doc["outputs"]["root"], "images", spec.storage_options, columns=Totals.COLUMNS)
+        totals = Totals.from_manifest(latest_rows(images))
     credits = pricing.job_credits(totals.credits)
     if spec.max_credits is not None:
         credits = min(credits, spec.max_credits)  # the minimum per job never breaks the cap

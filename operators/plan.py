@@ -12,6 +12,7 @@ per shard, read by a worker), so nothing in the driver grows with the items. Lay
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -47,6 +48,12 @@ class Shard:
     items: int  # rows (an archive counts 1: its members are listed by the workers)
     archives: int = 0
     archive_bytes: int = 0
+    digest: str = ""  # of its item ids: a shard's done marker holds only for the same items
+
+    @property
+    def key(self) -> str:
+        """`shard-000003`: in its manifest parts' names (part-shard-000003-...) and its marker's."""
+        return self.name.removesuffix(".parquet")
 
 
 @dataclass
@@ -62,6 +69,10 @@ class Plan:
     @property
     def archives(self) -> int:
         return sum(s.archives for s in self.shards)
+
+    def without(self, keys: set[str] | frozenset[str]) -> Plan:
+        """The plan less the shards named (sealed ones: a resume skips them)."""
+        return Plan(self.root, [s for s in self.shards if s.key not in keys], self.has_rar)
 
     def urls(self) -> list[str]:
         return [join(self.root, s.name) for s in self.shards]
@@ -110,7 +121,8 @@ def _write_shard(plan: Plan, rows: list[dict], storage_options: dict | None) -> 
     pq.write_table(table, buf, compression="zstd")
     write_atomic(join(plan.root, name), buf.getvalue(), storage_options)
     archives = [r for r in rows if r["kind"] == "archive"]
-    return Shard(name, len(rows), len(archives), sum(int(r.get("size") or 0) for r in archives))
+    digest = hashlib.sha256("\n".join(r["item_id"] for r in rows).encode()).hexdigest()[:24]
+    return Shard(name, len(rows), len(archives), sum(int(r.get("size") or 0) for r in archives), digest)
 
 
 def _remove_stale(plan: Plan, storage_options: dict | None) -> None:
@@ -137,8 +149,12 @@ def iter_plan(plan: Plan, storage_options: dict | None = None, kinds: tuple[str,
 
 
 def shard_rows(row: dict, storage_options: dict | None = None) -> Iterator[dict]:
-    """One dataset row {"shard": url} as the shard's item rows (on a worker)."""
-    yield from read_shard(str(row["shard"]), storage_options).to_pylist()
+    """One dataset row {"shard": url} as the shard's item rows (on a worker), each tagged with
+    the shard (`plan_shard`), which the writer puts in its part names (operators/shard_resume.py)."""
+    key = posixpath.basename(str(row["shard"])).removesuffix(".parquet")
+    for item in read_shard(str(row["shard"]), storage_options).to_pylist():
+        item["plan_shard"] = key
+        yield item
 
 
 def expand_shard(row: dict, options: ArchiveOptions) -> Iterator[dict]:
@@ -160,6 +176,7 @@ class PlanTodo:
     plain: int = 0  # of which not archives
     archives: list[dict] = field(default_factory=list)  # archive rows not finished
     all_archives: list[dict] = field(default_factory=list)  # every archive row (--repack)
+    left: dict[str, int] = field(default_factory=dict)  # shard key -> rows not finished
 
 
 def plan_todo(plan: Plan, finished: set[str] | frozenset[str] = frozenset(),
@@ -179,6 +196,7 @@ def plan_todo(plan: Plan, finished: set[str] | frozenset[str] = frozenset(),
         else:
             left_archives = shard.archives
         todo.files += left
+        todo.left[shard.key] = left
         todo.plain += left - left_archives
         if shard.archives:
             rows = [r for r in read_shard(url, storage_options).to_pylist() if r["kind"] == "archive"]

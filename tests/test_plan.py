@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -159,5 +160,28 @@ def test_a_job_runs_from_its_plan_and_a_list(ray_local, shared_dir, tmp_path, mo
     outputs = sorted(p.relative_to(tmp_path / "out/planned/images").as_posix()
                      for p in (tmp_path / "out/planned/images").rglob("*.jpg"))
     assert outputs == sorted([f"in/{p.name}" for p in photos] + [f"more/{str(p).lstrip('/')}" for p in photos[:2]])
-    again = run_job(build_spec(fields), log=lambda *_: None)  # a resume with everything done: nothing to run
-    assert again["status"] == "done" and again["totals"]["done"] == 7 and again["runs"][-1]["items"] == 0
+    job = tmp_path / "out/planned"
+    markers = sorted(p.name for p in (job / "plan/done").glob("*.json"))
+    assert markers == [f"shard-00000{i}.json" for i in range(4)]  # every shard sealed, with its totals
+    assert sum(json.loads((job / "plan/done" / m).read_text())["items"] for m in markers) == 7
+    parts = sorted(p.name for p in (job / "manifest/images").glob("part-*.parquet"))
+    assert parts and all(p.startswith("part-shard-") for p in parts)  # found per shard by their name
+
+    again = run_job(build_spec(fields), log=lambda *_: None)  # every shard sealed: nothing read, nothing run
+    assert again["status"] == "done" and again["runs"][-1]["items"] == 0
+    assert again["totals"] == doc["totals"]
+
+    # a partial shard: its marker gone and one of its items' rows lost -> only that item runs again
+    (job / "plan/done/shard-000001.json").unlink()
+    lost = pq.read_table(job / "manifest/images" / next(p for p in parts if p.startswith("part-shard-000001-")))
+    for table in ("images", "detections"):
+        for part in (job / "manifest" / table).glob("part-shard-000001-*.parquet"):
+            rows = pq.read_table(part)
+            keep = rows.filter(pa.compute.not_equal(rows.column("item_id"), lost.column("item_id")[0]))
+            part.unlink()
+            if keep.num_rows:
+                pq.write_table(keep, part)
+    third = run_job(build_spec(fields), log=lambda *_: None)
+    assert third["status"] == "done" and third["runs"][-1]["items"] == 1
+    assert third["totals"]["done"] == 7 and (job / "plan/done/shard-000001.json").exists()
+    assert pq.read_table(job / "manifest/images").num_rows == 7
