@@ -157,7 +157,8 @@ def _run_leased(spec: JobSpec, log, approve: bool, auto_approve_below: float | N
                     progress.close()
             sealed.add(sealer.close(ended=True))
             if spec.repack == "zip":
-                report.doc["repack"] = repack(spec, plan_todo(whole).all_archives, job_root)
+                archives = plan_todo(whole, storage_options=spec.storage_options).all_archives
+                report.doc["repack"] = repack(spec, archives, job_root)
     except BaseException as exc:
         cause, description = job_failure(exc, lost)
         report.doc["totals"] = run_totals.as_dict()
