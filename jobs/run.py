@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import _thread
 import time
+from collections.abc import Callable, Iterator
+
+import ray
 
 from jobs.lease import JobLease
 from jobs.pipeline import (
@@ -36,7 +39,7 @@ from operators.budget import Billing
 from operators.input_lists import is_list_input
 from operators.listing import iter_sources
 from operators.manifest import read_table
-from operators.plan import iter_plan, plan_todo, shard_items, write_plan
+from operators.plan import Plan, iter_plan, plan_todo, shard_items, wave_items, write_plan
 from operators.repack import members_by_archive
 from operators.resume import ResumeState, drop_duplicates, latest_rows, resume_state
 from operators.sources import check_output_outside_inputs
@@ -145,8 +148,8 @@ def _run_leased(spec: JobSpec, log, approve: bool, auto_approve_below: float | N
                 progress = JobProgress(todo.archives, archive_options(spec), resume.finished, bar=bar, log=log,
                                        plain=todo.plain)
                 try:
-                    ds = build_dataset(spec, plan, classes, models, weights, job_root, res, billing, resume.finished)
-                    for stats in ds.iter_batches(batch_size=None, batch_format="numpy"):  # rows as written
+                    for stats in wave_batches(plan, lambda wave: build_dataset(
+                            spec, wave, classes, models, weights, job_root, res, billing, resume.finished)):
                         if lease.lost.is_set():  # taken over as stale: another run owns the job now
                             raise LeaseLost(f"the lease of job {spec.job_id} was taken over by another run")
                         run_totals.add(stats)
@@ -178,6 +181,13 @@ def _run_leased(spec: JobSpec, log, approve: bool, auto_approve_below: float | N
     finish(report, spec, pricing, run_totals, time.monotonic() - started, started_at, sealed)
     notify(report, spec, log)
     return report.doc
+
+
+def wave_batches(plan: Plan, build: Callable[[Plan], ray.data.Dataset]) -> Iterator[dict]:
+    """The stats rows as written, one Dataset per wave of shards (Plan.waves: Ray Data's state in
+    the driver is freed when each Dataset ends, instead of growing with the whole job)."""
+    for wave in plan.waves(wave_items()):
+        yield from build(wave).iter_batches(batch_size=None, batch_format="numpy")
 
 
 class LeaseLost(RuntimeError):

@@ -74,6 +74,15 @@ class Plan:
         """The plan less the shards named (sealed ones: a resume skips them)."""
         return Plan(self.root, [s for s in self.shards if s.key not in keys], self.has_rar)
 
+    def waves(self, max_items: int) -> list[Plan]:
+        """The plan cut into runs of whole shards of about `max_items` rows each (at least one shard)."""
+        waves: list[Plan] = []
+        for s in self.shards:
+            if not waves or (waves[-1].items + s.items > max_items and waves[-1].shards):
+                waves.append(Plan(self.root, [], self.has_rar))
+            waves[-1].shards.append(s)
+        return waves or [Plan(self.root, [], self.has_rar)]
+
     def urls(self) -> list[str]:
         return [join(self.root, s.name) for s in self.shards]
 
@@ -161,6 +170,17 @@ def expand_shard(row: dict, options: ArchiveOptions) -> Iterator[dict]:
     """The first stage of a planned job: a shard's rows, each archive expanded into its members."""
     for item in shard_rows(row, options.storage_options):
         yield from expand_rows(item, options)
+
+
+WAVE_ITEMS = 200_000
+
+
+def wave_items() -> int:
+    """Items per Ray Dataset (VEIL_WAVE_ITEMS, else 200,000). Ray Data keeps a stats object per
+    output block in the driver until its Dataset ends (ray-project/ray#66016, ~3 KiB per item
+    here), so a job runs as consecutive Datasets over runs of shards: that state stays bounded
+    (~600 MiB), at the cost of restarting the detection actors between waves (seconds)."""
+    return max(1, int(os.environ.get("VEIL_WAVE_ITEMS") or WAVE_ITEMS))
 
 
 def shard_items() -> int:

