@@ -88,7 +88,9 @@ def write_by_shard(batch: dict[str, np.ndarray], options: WriteOptions) -> dict[
         stats = write_batch({k: np.asarray(v)[keep] for k, v in batch.items()}, options)
         stats["plan_shard"] = np.asarray([key] * int(keep.sum()))
         out.append(stats)
-    return {k: np.concatenate([s[k] for s in out]) for k in out[0]} if out else {}
+    if not out:  # an empty batch: write_batch's own empty stats
+        return write_batch(batch, options)
+    return {k: np.concatenate([s[k] for s in out]) for k in out[0]}
 
 
 def read_parts(job_root: str, storage_options: dict | None = None, columns: list[str] | None = None,

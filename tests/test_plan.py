@@ -188,3 +188,24 @@ def test_a_job_runs_from_its_plan_and_a_list(ray_local, shared_dir, tmp_path, mo
     assert third["status"] == "done" and third["runs"][-1]["items"] == 1
     assert third["totals"]["done"] == 7 and (job / "plan/done/shard-000001.json").exists()
     assert pq.read_table(job / "manifest/images").num_rows == 7
+
+
+def test_cli_input_list_becomes_list_inputs(tmp_path, monkeypatch, capsys):
+    import jobs.run
+    from jobs.cli import main
+
+    seen = {}
+
+    def fake_run_job(spec, **_):
+        seen["inputs"] = spec.inputs
+        from jobs.report import Totals
+
+        return {"status": "done", "job_id": spec.job_id, "description": "", "totals": Totals().as_dict(),
+                "outputs": {"root": spec.output}}
+
+    monkeypatch.setattr(jobs.run, "run_job", fake_run_job)
+    (tmp_path / "l.txt").write_text("/x/a.jpg\n")
+    assert main(["run", str(tmp_path / "out")]) == 2  # no input at all
+    assert "--input-list" in capsys.readouterr().err
+    main(["run", "--input-list", str(tmp_path / "l.txt"), str(tmp_path / "out"), "--job-id", "lst"])
+    assert seen["inputs"] == [f"list:{tmp_path / 'l.txt'}"]
