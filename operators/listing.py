@@ -59,7 +59,7 @@ def iter_sources(inputs: list[str], storage_options: dict | None = None) -> Iter
                                error="the same file is listed by an earlier input")
                 ids.add(row["item_id"])
             if not (status == "failed" and cause == UNSAFE_PATH):
-                clash = guard.check(rel_path, rel_path != raw, posixpath.join(prefix, ""), row["kind"])
+                clash = guard.check(rel_path, raw, posixpath.join(prefix, ""))
                 if clash and not row["status"]:
                     row.update(status="failed", failure_cause=OUTPUT_PATH_ERROR, error=clash)
             yield row
@@ -72,12 +72,13 @@ class _Collisions:
         self.fs, self.root = fs, root.rstrip("/")
         self.rewritten: dict[str, str] = {}  # rel_path -> the rewritten name that took it
 
-    def check(self, rel_path: str, rewritten: bool, prefix: str, kind: str) -> str:
+    def check(self, rel_path: str, raw: str, prefix: str) -> str:
+        """Why `rel_path` (made from the name `raw`) cannot be written, or ""."""
         inside = rel_path[len(prefix):] if prefix and rel_path.startswith(prefix) else rel_path
         if rel_path in self.rewritten:
             return f"output path {rel_path!r} is already that of {self.rewritten[rel_path]!r}"
         parent = ""
-        if rewritten:
+        if rel_path != raw:  # safe_rel_path rewrote the name: it may now be another file's path
             real = posixpath.join(self.root, inside)
             if self.fs.isfile(real):
                 return f"output path {rel_path!r} is already that of {real!r}"
@@ -87,7 +88,7 @@ class _Collisions:
             if real_parent:
                 parent = prefix + real_parent
             if not parent:
-                self.rewritten[rel_path] = rel_path
+                self.rewritten[rel_path] = raw
         if parent:
             return f"output path {rel_path!r} needs a folder where the image {parent!r} is written"
         return ""
