@@ -26,9 +26,11 @@ from models.runtime import backend_for
 from operators.archives import expand_rows
 from operators.budget import Billing, CreditLedger
 from operators.detect import Detector
+from operators.plan import Plan, expand_shard
 from operators.prepare import prepare_batch
 from operators.repack import repack_archive
 from operators.resume import drop_finished
+from operators.shard_resume import write_by_shard
 from operators.video import VideoOptions, process_videos
 from operators.video_segments import SegmentJoiner, split_rows
 from operators.write import WriteOptions, write_batch
@@ -43,8 +45,11 @@ EXPAND_ROWS_PER_BLOCK = 16
 TASK_CPUS = 1  # one expand / prepare / write task (they stream: no need for more)
 
 
-def expected_items(sources: list[dict]) -> int:
+def expected_items(sources: list[dict] | Plan) -> int:
     """Items a job will have, roughly: each plain file, and an archive's size over 256 KiB."""
+    if isinstance(sources, Plan):
+        return sum(s.items - s.archives + max(s.archives, s.archive_bytes // ARCHIVE_BYTES_PER_ITEM)
+                   for s in sources.shards)
     return sum(1 if s.get("kind") != "archive" else max(1, int(s.get("size") or 0) // ARCHIVE_BYTES_PER_ITEM)
                for s in sources)
 
@@ -255,7 +260,7 @@ class _RayDetector(Detector):
 
 def build_dataset(
     spec: JobSpec,
-    sources: list[dict],
+    sources: list[dict] | Plan,
     classes: list[str],
     models: dict[str, ModelEntry],
     weights: dict[str, bytes],
@@ -265,12 +270,18 @@ def build_dataset(
     finished: set[str] | None = None,
 ) -> ray.data.Dataset:
     """`billing` prices items (and reserves credits when it holds a ledger); `finished`: item ids
-    an earlier run of this job finished (resume), dropped after archive expansion."""
+    an earlier run of this job finished (resume), dropped after archive expansion. A Plan: the
+    dataset holds one row per shard file, read on the workers (the driver never holds the items)."""
     model_refs = [(models[name].model_dump(), ray.put(weights[name])) for name in models]
-    blocks = max(1, min(len(sources), res.cpus * 8, 2000))
-    ds = ray.data.from_items(sources, override_num_blocks=blocks)
-    # --- archive expand stage (issue 4): archives become one row per member, listed on workers ---
-    ds = ds.flat_map(expand_rows, num_cpus=TASK_CPUS, fn_kwargs={"options": archive_options(spec)})
+    if isinstance(sources, Plan):
+        shards = [{"shard": url} for url in sources.urls()]
+        ds = ray.data.from_items(shards, override_num_blocks=max(1, min(len(shards), 2000)))
+        ds = ds.flat_map(expand_shard, num_cpus=TASK_CPUS, fn_kwargs={"options": archive_options(spec)})
+    else:
+        blocks = max(1, min(len(sources), res.cpus * 8, 2000))
+        ds = ray.data.from_items(sources, override_num_blocks=blocks)
+        # --- archive expand stage (issue 4): archives become one row per member, listed on workers ---
+        ds = ds.flat_map(expand_rows, num_cpus=TASK_CPUS, fn_kwargs={"options": archive_options(spec)})
     # One archive expands into many rows inside one task; re-cut into small blocks (streaming,
     # no barrier) so that its members spread over all prepare tasks instead of one.
     ds = ds.repartition(target_num_rows_per_block=EXPAND_ROWS_PER_BLOCK)
@@ -294,7 +305,8 @@ def build_dataset(
                             fn_kwargs={"seconds": spec.video_segment_seconds, "storage_options": spec.storage_options})
     # A video (or segment) is a whole actor's work: batches of one spread them over the actors
     # (CPU actors detect one image at a time anyway; listed videos only, not archive members).
-    videos = res.device != "cuda" and any(s.get("kind") == "video" for s in sources)
+    listed = sources.videos if isinstance(sources, Plan) else any(s.get("kind") == "video" for s in sources)
+    videos = res.device != "cuda" and bool(listed)
     ds = ds.map_batches(
         _RayDetector,
         batch_size=1 if videos else spec.batch_size,
@@ -318,7 +330,8 @@ def build_dataset(
     options: WriteOptions = write_options(spec, job_root, ledger=billing.ledger if billing else None,
                                           segments=RemoteJoiner() if spec.video_segment_seconds else None)
     per_write = LARGE_JOB_WRITE_BATCH if expected_items(sources) >= LARGE_JOB_ITEMS else WRITE_BATCH
-    return ds.map_batches(write_batch, batch_size=per_write, batch_format="numpy", num_cpus=TASK_CPUS,
+    writer = write_by_shard if isinstance(sources, Plan) else write_batch  # parts named after their shard
+    return ds.map_batches(writer, batch_size=per_write, batch_format="numpy", num_cpus=TASK_CPUS,
                           fn_kwargs={"options": options})
 
 

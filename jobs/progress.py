@@ -38,14 +38,17 @@ class JobProgress:
 
     def __init__(self, todo: list[dict], archive: ArchiveOptions, finished: set[str] | frozenset = frozenset(),
                  out: IO[str] | None = None, bar: bool | None = None, log=print,
-                 interval: float = PLAIN_INTERVAL_S) -> None:
+                 interval: float = PLAIN_INTERVAL_S, plain: int | None = None) -> None:
+        """`plain`: the count of the items that are no archives, when `todo` holds the archives only
+        (a planned job: its rows sit in plan shards, not in the driver)."""
         self.out = out or sys.stdout
         self.log = log
         self.interval = interval
         self.started = time.monotonic()
         self._last_line = self.started
         archives = [s for s in todo if s.get("kind") == "archive"]
-        self.total: int | None = len(todo) if not archives else None
+        plain = plain if plain is not None else len(todo) - len(archives)
+        self.total: int | None = plain if not archives else None
         self._bar = None
         if bar if bar is not None else self.out.isatty():
             from tqdm import tqdm
@@ -60,19 +63,18 @@ class JobProgress:
                                         "{postfix}")
             self._bar.set_postfix_str("failed 0")
         if archives:
-            threading.Thread(target=self._count, args=(todo, archive, finished), daemon=True,
+            threading.Thread(target=self._count, args=(archives, plain, archive, finished), daemon=True,
                              name="veil-count-items").start()
 
-    def _count(self, todo: list[dict], archive: ArchiveOptions, finished) -> None:
+    def _count(self, archives: list[dict], plain: int, archive: ArchiveOptions, finished) -> None:
         def members(row: dict) -> int:
             try:
                 return sum(1 for r in expand_rows(row, archive) if r.get("item_id") not in finished)
             except Exception:  # the job reports the archive's failure; the count only counts
                 return 1
 
-        plain = sum(1 for s in todo if s.get("kind") != "archive")
         with ThreadPoolExecutor(4) as pool:
-            total = plain + sum(pool.map(members, [s for s in todo if s.get("kind") == "archive"]))
+            total = plain + sum(pool.map(members, archives))
         self.total = total  # one assignment: readers see the whole count or none
         if self._bar is not None:
             self._bar.total = total

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import _thread
 import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from jobs.lease import JobLease
 from jobs.pipeline import (
@@ -27,16 +29,23 @@ from jobs.pricing import Pricing, load_pricing
 from jobs.progress import JobProgress
 from jobs.quote import quote_items
 from jobs.report import JobReport, Totals, now_iso, try_load_report
+from jobs.shard_seal import Sealed, ShardSealer, load_sealed, manifest_totals
 from jobs.spec import JobSpec, SpecError, spec_changes
 from jobs.webhook import post_report
 from models.fetch import prepared_weights
-from operators.archive_tools import RAR_SUFFIXES, RAR_TOOL_HINT, rar_tool_missing
+from operators.archive_tools import RAR_TOOL_HINT, rar_tool_missing
 from operators.budget import Billing
+from operators.input_lists import is_list_input
+from operators.listing import iter_sources
 from operators.manifest import read_table
+from operators.plan import Plan, iter_plan, plan_todo, shard_items, wave_items, write_plan
 from operators.repack import members_by_archive
 from operators.resume import ResumeState, drop_duplicates, latest_rows, resume_state
-from operators.sources import check_output_outside_inputs, list_sources
+from operators.sources import check_output_outside_inputs
 from operators.storage import is_no_space, join
+
+if TYPE_CHECKING:
+    import ray.data
 
 
 def run_job(
@@ -58,7 +67,7 @@ def run_job(
     check_run_options(spec, auto_approve_below)
     classes, models = spec.resolve_models()
     pricing = load_pricing(spec.pricing)
-    check_output_outside_inputs(spec.inputs, spec.output, spec.storage_options)
+    check_output_outside_inputs([i for i in spec.inputs if not is_list_input(i)], spec.output, spec.storage_options)
     job_root = join(spec.output, spec.job_id)
     lease = JobLease(job_root, spec.storage_options).acquire(spec.job_id)
     try:
@@ -80,16 +89,18 @@ def _run_leased(spec: JobSpec, log, approve: bool, auto_approve_below: float | N
         raise SpecError(f"{', '.join(changed)}: differ from the earlier run of job {spec.job_id}, whose finished "
                         f"items are kept: the job would mix two specs. Give the same options, a new --job-id, or "
                         f"--allow-spec-change (finished items keep their results)")
-    sources = list_sources(spec.inputs, spec.storage_options)
-    if any(s["kind"] == "archive" and s["rel_path"].lower().endswith(RAR_SUFFIXES) for s in sources) \
-            and rar_tool_missing():  # said up front; each compressed member then fails with the same hint
+    # listed into plan shards (OUTPUT/JOB_ID/plan/): the driver never holds every row
+    plan = write_plan(iter_sources(spec.inputs, spec.storage_options), job_root, spec.storage_options,
+                      shard_items())
+    if plan.has_rar and rar_tool_missing():  # said up front; each compressed member then fails with the same hint
         log(f"warning: {RAR_TOOL_HINT}")
 
     report = JobReport(job_root, spec.public_dict(), spec.storage_options, earlier=earlier)
     report.doc.update(classes=classes, models={n: e.source.model_dump(exclude_none=True) for n, e in models.items()})
     limit = auto_approve_below if auto_approve_below is not None else pricing.auto_approve_below
     if limit is not None and not approve and not report.doc.get("approved_at"):
-        quote = quote_items(sources, pricing, classes, archive_options(spec), spec.storage_options)
+        quote = quote_items(iter_plan(plan, spec.storage_options), pricing, classes, archive_options(spec),
+                            spec.storage_options)
         report.doc["quote"] = quote
         if quote["credits"] >= limit:
             report.set("awaiting_approval", f"quoted {quote['credits']:g} credits, at or over the auto-approve "
@@ -98,12 +109,17 @@ def _run_leased(spec: JobSpec, log, approve: bool, auto_approve_below: float | N
             return report.doc
     report.doc["approved_at"] = report.doc.get("approved_at") or now_iso()
 
-    resume = resume_state(job_root, retry_failed, spec.storage_options) if earlier else ResumeState()
-    todo = [s for s in sources if s["item_id"] not in resume.finished]
+    # sealed shards (all their items final) are skipped unread; the rest of the manifest says what is finished
+    sealed = load_sealed(plan, spec.storage_options, retry_failed) if earlier else Sealed()
+    resume = resume_state(job_root, retry_failed, spec.storage_options, sealed.parts()) if earlier else ResumeState()
+    resume.charged += sealed.totals.credits
+    whole, plan = plan, plan.without(sealed.keys)
+    todo = plan_todo(plan, resume.finished, spec.storage_options)
     weights = {name: prepared_weights(entry) for name, entry in models.items()}
-    note = f" ({len(resume.finished)} finished earlier)" if resume.finished else ""
-    log(f"veil job {spec.job_id}: {len(todo)} files{note}, classes {', '.join(classes)} -> {job_root}")
-    report.set("queued", f"{len(todo)} files to process{note}")
+    earlier_items = len(resume.finished) + sealed.totals.items
+    note = f" ({earlier_items} finished earlier)" if earlier_items else ""
+    log(f"veil job {spec.job_id}: {todo.files} files{note}, classes {', '.join(classes)} -> {job_root}")
+    report.set("queued", f"{todo.files} files to process{note}")
 
     report.reserve_room()  # so that a full disk still lets job.json say `failed` and why
     run_totals = Totals()
@@ -122,28 +138,32 @@ def _run_leased(spec: JobSpec, log, approve: bool, auto_approve_below: float | N
 
     try:
         with ray_session(on_lost=ray_lost):
-            plain = all(s.get("kind") == "image" for s in todo)  # archives: members unknown until listed
-            res = plan_resources(spec, sum(len(w) for w in weights.values()),
-                                 -(-len(todo) // spec.batch_size) if plain else None)
+            res = plan_resources(spec, sum(len(w) for w in weights.values()),  # archives: members unknown
+                                 -(-todo.files // spec.batch_size) if not plan.archives else None)
             report.doc["resources"] = res.__dict__
             ledger = RemoteLedger(spec.max_credits, resume.charged) if spec.max_credits is not None else None
             billing = Billing(pricing, classes, ledger)
             report.set("processing", f"0 items done{note}", started_at=started_at)
-            if todo:
+            sealer = ShardSealer(plan, job_root, todo.left, spec.storage_options)
+            if todo.files:
                 # counted in items (archive members included), not files
-                progress = JobProgress(todo, archive_options(spec), resume.finished, bar=bar, log=log)
+                progress = JobProgress(todo.archives, archive_options(spec), resume.finished, bar=bar, log=log,
+                                       plain=todo.plain)
                 try:
-                    ds = build_dataset(spec, todo, classes, models, weights, job_root, res, billing, resume.finished)
-                    for stats in ds.iter_batches(batch_size=None, batch_format="numpy"):  # rows as written
+                    for stats in wave_batches(plan, lambda wave: build_dataset(
+                            spec, wave, classes, models, weights, job_root, res, billing, resume.finished)):
                         if lease.lost.is_set():  # taken over as stale: another run owns the job now
                             raise LeaseLost(f"the lease of job {spec.job_id} was taken over by another run")
                         run_totals.add(stats)
+                        sealer.update(stats)
                         progress.update(run_totals)
                         report.progress(run_totals, progress.total, started, note)
                 finally:
                     progress.close()
+            sealed.add(sealer.close(ended=True))
             if spec.repack == "zip":
-                report.doc["repack"] = repack(spec, sources, job_root)
+                archives = plan_todo(whole, storage_options=spec.storage_options).all_archives
+                report.doc["repack"] = repack(spec, archives, job_root)
     except BaseException as exc:
         cause, description = job_failure(exc, lost)
         report.doc["totals"] = run_totals.as_dict()
@@ -159,10 +179,17 @@ def _run_leased(spec: JobSpec, log, approve: bool, auto_approve_below: float | N
         report.doc["spec_changes"] = [*report.doc.get("spec_changes", []), {"at": now_iso(), "options": changed}]
     # One row per item, whatever happened: a write task retried after its worker died rewrites its
     # parts under the same names, and writers of a killed earlier run may have finished items again.
-    drop_duplicates(job_root, spec.storage_options)
-    finish(report, spec, pricing, run_totals, time.monotonic() - started, started_at)
+    drop_duplicates(job_root, spec.storage_options, sealed.parts())
+    finish(report, spec, pricing, run_totals, time.monotonic() - started, started_at, sealed)
     notify(report, spec, log)
     return report.doc
+
+
+def wave_batches(plan: Plan, build: Callable[[Plan], ray.data.Dataset]) -> Iterator[dict]:
+    """The stats rows as written, one Dataset per wave of shards (Plan.waves: Ray Data's state in
+    the driver is freed when each Dataset ends, instead of growing with the whole job)."""
+    for wave in plan.waves(wave_items()):
+        yield from build(wave).iter_batches(batch_size=None, batch_format="numpy")
 
 
 class LeaseLost(RuntimeError):
@@ -196,10 +223,15 @@ def check_run_options(spec: JobSpec, auto_approve_below: float | None) -> None:
         raise SpecError(f"archive-password-file: cannot read {spec.archive_password_file}: {reason}") from None
 
 
-def finish(report: JobReport, spec: JobSpec, pricing: Pricing, run: Totals, wall: float, started_at: str) -> None:
-    """Totals, credits and cost from the manifest (so a resumed job counts each item once)."""
-    images = read_table(report.doc["outputs"]["root"], "images", spec.storage_options, columns=Totals.COLUMNS)
-    totals = Totals.from_manifest(latest_rows(images))
+def finish(report: JobReport, spec: JobSpec, pricing: Pricing, run: Totals, wall: float, started_at: str,
+           sealed: Sealed | None = None) -> None:
+    """Totals, credits and cost from the manifest (so a resumed job counts each item once); with
+    `sealed`, its shards' totals come from their markers and only the rest of the manifest is read."""
+    if sealed is not None:
+        totals = manifest_totals(report.doc["outputs"]["root"], spec.storage_options, sealed)
+    else:
+        images = read_table(report.doc["outputs"]["root"], "images", spec.storage_options, columns=Totals.COLUMNS)
+        totals = Totals.from_manifest(latest_rows(images))
     credits = pricing.job_credits(totals.credits)
     if spec.max_credits is not None:
         credits = min(credits, spec.max_credits)  # the minimum per job never breaks the cap
@@ -219,9 +251,9 @@ def finish(report: JobReport, spec: JobSpec, pricing: Pricing, run: Totals, wall
     report.set("done", description, finished_at=now_iso())
 
 
-def repack(spec: JobSpec, sources: list[dict], job_root: str) -> list[dict]:
+def repack(spec: JobSpec, archive_rows: list[dict], job_root: str) -> list[dict]:
     """--repack zip: the done members of each input archive (this run's and earlier ones')."""
-    archives = {s["source_url"]: s["rel_path"] for s in sources if s["kind"] == "archive"}
+    archives = {s["source_url"]: s["rel_path"] for s in archive_rows if s["kind"] == "archive"}
     rows = latest_rows(read_table(job_root, "images", spec.storage_options))
     rows = rows.select(["source_url", "member", "rel_path", "status", "output_url"]).to_pylist()
     return repack_archives(members_by_archive(rows, archives), job_root, spec.storage_options)

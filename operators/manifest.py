@@ -100,12 +100,13 @@ def write_part(job_root: str, table_name: str, rows: list[dict] | pa.Table, sche
     return url
 
 
-def part_urls(job_root: str, table_name: str, storage_options: dict | None = None) -> dict[str, str]:
-    """{part file name: path} of one manifest table."""
+def part_urls(job_root: str, table_name: str, storage_options: dict | None = None,
+              prefix: str = "part-") -> dict[str, str]:
+    """{part file name: path} of one manifest table (`prefix`: the parts of one plan shard)."""
     from operators.storage import filesystem
 
     fs, path = filesystem(join(job_root, "manifest", table_name), storage_options)
-    parts = fs.glob(path + "/part-*.parquet") if fs.exists(path) else []
+    parts = fs.glob(path + f"/{prefix}*.parquet") if fs.exists(path) else []
     return {p.rsplit("/", 1)[-1]: p for p in sorted(parts)}
 
 

@@ -13,6 +13,7 @@ rewritten under their own name (an atomic replace), so the pairing survives.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -53,25 +54,32 @@ def is_final(images: pa.Table, retry_failed: bool) -> np.ndarray:
     return final | ((status == "failed") & (not retry_failed))
 
 
-def resume_state(job_root: str, retry_failed: bool = False, storage_options: dict | None = None) -> ResumeState:
-    """Compact the manifest of an earlier run and say which items are finished."""
-    return _compact(job_root, storage_options, lambda latest: is_final(latest, retry_failed))
+def resume_state(job_root: str, retry_failed: bool = False, storage_options: dict | None = None,
+                 parts: Callable[[str], bool] | None = None) -> ResumeState:
+    """Compact the manifest of an earlier run and say which items are finished. `parts`: which
+    part names to read (a planned job leaves out those of its sealed shards)."""
+    return _compact(job_root, storage_options, lambda latest: is_final(latest, retry_failed), parts)
 
 
-def drop_duplicates(job_root: str, storage_options: dict | None = None) -> ResumeState:
+def drop_duplicates(job_root: str, storage_options: dict | None = None,
+                    parts: Callable[[str], bool] | None = None, prefix: str = "part-") -> ResumeState:
     """One row per item again, the latest, at the end of a resumed run. The writers of a killed
     run can outlive its driver: after a SIGKILL of the driver's process group, its Ray workers
     wrote 2 more parts over 2 s, so a resume started meanwhile processes those items again."""
-    return _compact(job_root, storage_options, lambda latest: np.ones(latest.num_rows, dtype=bool))
+    return _compact(job_root, storage_options, lambda latest: np.ones(latest.num_rows, dtype=bool), parts, prefix)
 
 
-def _compact(job_root: str, storage_options: dict | None, keep) -> ResumeState:
+def _compact(job_root: str, storage_options: dict | None, keep, parts: Callable[[str], bool] | None = None,
+             prefix: str = "part-") -> ResumeState:
     """Drop orphan detections parts and every images row but the latest of its item, of which
     only those `keep(latest)` selects stay; return what stayed (`finished`) and what went."""
     state = ResumeState()
     fs, _ = filesystem(job_root, storage_options)
-    images_parts = part_urls(job_root, "images", storage_options)
-    det_parts = part_urls(job_root, "detections", storage_options)
+    images_parts = part_urls(job_root, "images", storage_options, prefix)
+    det_parts = part_urls(job_root, "detections", storage_options, prefix)
+    if parts is not None:
+        images_parts = {n: p for n, p in images_parts.items() if parts(n)}
+        det_parts = {n: p for n, p in det_parts.items() if parts(n)}
     for name, path in det_parts.items():
         if name not in images_parts:  # killed between the two writes of a batch
             fs.rm(path)

@@ -89,6 +89,8 @@ def write_batch(batch: dict[str, np.ndarray], options: WriteOptions) -> dict[str
     for r in image_rows:
         r["cpu_write_ms"] = cpu_ms
     part = batch_part_name(r["item_id"] for r in image_rows)  # a retried task replaces its own parts
+    if "plan_shard" in batch and len(batch["plan_shard"]):  # a planned job: one shard per batch, parts found by it
+        part = f"part-{batch['plan_shard'][0]}-{part[len('part-'):]}"
     write_part(options.job_root, "detections", det_rows, DETECTIONS_SCHEMA, options.storage_options, part)
     write_part(options.job_root, "images", image_rows, IMAGES_SCHEMA, options.storage_options, part)
     stats = {

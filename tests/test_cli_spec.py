@@ -79,7 +79,7 @@ def test_veil_submit_checks_the_run_here_and_sends_its_spec():
     assert controls == {"approve": True, "auto_approve_below": None, "retry_failed": False, "allow_spec_change": False}
     with pytest.raises(SpecError, match="--job-id"):
         submitted_run(["run", "in/", "out", "--job-id", "a"], "b")
-    with pytest.raises(SpecError, match="INPUT and the OUTPUT"):
+    with pytest.raises(SpecError, match="at least one INPUT .* and the OUTPUT"):
         submitted_run(["run", "out"], None)
     with pytest.raises(SystemExit):  # argparse: an unknown option is refused before anything is sent
         submitted_run(["run", "in/", "out", "--no-such-option"], None)

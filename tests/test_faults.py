@@ -116,7 +116,7 @@ def test_killed_write_worker_leaves_no_duplicate_rows(ray_local, photos, tmp_pat
     batches of 8, two parts: the kill lands while the task writes its second."""
     street, _ = photos("wider", 32)
     out = tmp_path / "out"
-    killer = KillOnce("ray::MapBatches(write_batch)", ready=lambda: _parts(out / "w") >= 1)
+    killer = KillOnce("ray::MapBatches(write_by_shard)", ready=lambda: _parts(out / "w") >= 1)
     doc = run_job(spec_for([street], out, "w", batch_size=16), log=lambda *_: None)
     killer.done.set()
     assert killer.killed, "no write worker was killed"

@@ -14,8 +14,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("jobs", "operators", "models")
 # the modules that talk to Ray: the pipeline's assembly and progress, the Jobs API client, the submission,
-# the service's Ray jobs
-RAY_ALLOWED = {"jobs.pipeline", "jobs.progress", "jobs.ray_client", "jobs.submit", "jobs.api.ray_jobs"}
+# the service's Ray jobs, the sealing of plan shards
+RAY_ALLOWED = {"jobs.pipeline", "jobs.progress", "jobs.ray_client", "jobs.shard_seal", "jobs.submit",
+               "jobs.api.ray_jobs"}
 
 
 def modules() -> dict[str, Path]:

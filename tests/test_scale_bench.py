@@ -91,7 +91,10 @@ def test_scale_10k_items(ray_local, shared_dir, tmp_path):
     for n in (small, large):
         runs[n] = _run(fields, _inputs(tmp_path / f"in-{n}", photos, n), tmp_path / "out", f"n{n}")
     a, b = runs[small], runs[large]
-    result = {"runs": runs, "items_ratio": large / small, "wall_ratio": round(b["wall_s"] / a["wall_s"], 2),
+    # all done: a resume skips every sealed plan shard without reading its manifest rows
+    resumed = _run(fields, tmp_path / f"in-{large}", tmp_path / "out", f"n{large}")
+    result = {"runs": runs, "resume_all_done": resumed, "items_ratio": large / small,
+              "wall_ratio": round(b["wall_s"] / a["wall_s"], 2),
               "driver_growth_mb": {str(k): v["driver_rss_growth_mb"] for k, v in runs.items()},
               "machine": {"cpus": os.cpu_count()}}
     print("\nscale:", json.dumps(result, indent=1))
@@ -102,3 +105,80 @@ def test_scale_10k_items(ray_local, shared_dir, tmp_path):
     assert result["wall_ratio"] <= 1.3 * (large / small)
     # flat: the larger job's driver grows by no more than its listing's share over the smaller one's
     assert b["driver_rss_growth_mb"] <= a["driver_rss_growth_mb"] + 100
+
+
+# --- issue 20: the driver while planning, old listing against plan shards -----------------------------
+
+_PLAN_CHILD = r"""
+import json, resource, sys, time
+mode, root, out = sys.argv[1], sys.argv[2], sys.argv[3]
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+import pyarrow, operators.sources, operators.listing, operators.plan  # imports before the baseline
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t = time.monotonic()
+if mode == "old":  # what run_job did before plans: every row as a dict in the driver
+    n = len(operators.sources.list_sources([root]))
+else:
+    n = operators.plan.write_plan(operators.listing.iter_sources([root]), out).items
+print(json.dumps({"items": n, "s": round(time.monotonic() - t, 2),
+                  "rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+                  "growth_mb": round((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)}))
+"""
+
+
+LINKS_PER_COPY = 60_000  # ext4 allows 65,000 links to one file
+
+
+def _hardlinks(root: Path, jpeg: Path, n: int, per_folder: int = 1000) -> Path:
+    """`n` entries (hard links of a real JPEG) in folders of `per_folder`: no disk beyond inodes."""
+    copies = root.parent / f"{root.name}-copies"
+    copies.mkdir(parents=True)
+    for k in range(n):
+        folder = root / f"d{k // per_folder:05d}"
+        if k % per_folder == 0:
+            folder.mkdir(parents=True)
+        source = copies / f"{k // LINKS_PER_COPY}.jpg"
+        if k % LINKS_PER_COPY == 0:
+            source.write_bytes(jpeg.read_bytes())
+        os.link(source, folder / f"{k:08d}.jpg")
+    return root
+
+
+def plan_driver_figures(sizes: list[int], jpeg: Path, work: Path, old_up_to: int = 10**6) -> dict:
+    """Peak driver RSS and time of planning `sizes` entries, old listing (up to `old_up_to`) and plans."""
+    import shutil
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    figures: dict = {}
+    for n in sizes:
+        root = _hardlinks(work / f"in-{n}", jpeg, n)
+        for mode in ("old", "plan") if n <= old_up_to else ("plan",):
+            out = subprocess.run([sys.executable, "-c", _PLAN_CHILD, mode, str(root), str(work / f"out-{n}-{mode}")],
+                                 env=env, capture_output=True, text=True, check=True).stdout
+            figures[f"{mode}-{n}"] = json.loads(out.strip().splitlines()[-1])
+        shutil.rmtree(root)
+        shutil.rmtree(root.parent / f"{root.name}-copies")
+    for mode in ("old", "plan"):
+        runs = sorted((v["items"], v["rss_mb"]) for k, v in figures.items() if k.startswith(mode))
+        if len(runs) >= 2:  # the slope between the two largest runs: what each further item costs
+            (n1, r1), (n2, r2) = runs[-2], runs[-1]
+            figures[f"{mode}-bytes_per_item"] = round((r2 - r1) * 2**20 / (n2 - n1), 1)
+    return figures
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_plan_keeps_the_driver_flat(shared_dir, tmp_path):
+    """Planning 100k and 1M entries (VEIL_PLAN_SCALE=100000,1000000): the old listing's driver grows
+    per item, the plan's stays within a few MiB (one shard's rows)."""
+    sizes = [int(x) for x in os.environ.get("VEIL_PLAN_SCALE", "100000,1000000").split(",")]
+    jpeg = sorted((shared_dir / "eval" / "coco" / "images").glob("*.jpg"))[0]
+    figures = plan_driver_figures(sizes, jpeg, tmp_path)
+    print("\nplan:", json.dumps(figures, indent=1))
+    if Path("bench-results").is_dir():
+        Path("bench-results/plan.json").write_text(json.dumps(figures, indent=2))
+    small, large = f"plan-{sizes[0]}", f"plan-{sizes[-1]}"
+    assert figures[large]["items"] == sizes[-1]
+    assert figures[large]["rss_mb"] <= figures[small]["rss_mb"] + 64  # flat: one shard, not the listing

@@ -12,6 +12,7 @@ import argparse
 
 # section title -> option dests, in the order they are listed
 GROUPS: dict[str, tuple[str, ...]] = {
+    "inputs (besides INPUT...)": ("input_list",),
     "classes (no class flag: faces and license plates)": (
         "face", "license_plate", "person", "vehicle",
         "face_threshold", "license_plate_threshold", "person_threshold", "vehicle_threshold"),

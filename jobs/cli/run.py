@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 import signal
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -173,7 +172,8 @@ def spec_fields(args: argparse.Namespace, inputs: list[str], output: str) -> dic
         fields.update(args.spec_json)
 
     fields.update(inputs=inputs, output=output)
-    skip = {"command", "spec", "paths", "inputs", "storage_option", "func", "output", "json", *RUN_CONTROLS}
+    skip = {"command", "spec", "paths", "inputs", "storage_option", "func", "output", "json", "input_list",
+            *RUN_CONTROLS}
     for key, value in vars(args).items():
         if key not in skip and value is not None:
             fields[key] = value
@@ -187,10 +187,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from jobs.progress import quiet_ray
     from jobs.run import run_job
 
-    if len(args.paths) < 2:
-        print("veil run: give at least one INPUT and the OUTPUT", file=sys.stderr)
-        return 2
-    spec = build_spec(spec_fields(args, args.paths[:-1], args.paths[-1]))
+    spec = run_spec(args)
     print(f"job id: {spec.job_id}")
     with cancel_on_sigterm(), quiet_ray():
         doc = run_job(spec, approve=args.approve, auto_approve_below=args.auto_approve_below,
@@ -248,6 +245,9 @@ def add_run_commands(sub) -> None:
                          epilog="Every --a-b option may be written --a_b. Options can also come from --spec FILE.")
     run.add_argument("paths", nargs="+", metavar="INPUT... OUTPUT",
                      help="files, folders, globs or fsspec URLs, then the output folder/URL")
+    _opt(run, "--input-list", action="append", metavar="FILE",
+         help="inputs named by a list, not listed: .txt (one URL a line) or .csv/.parquet (a url column, optional "
+              "member, rel_path, size); repeatable. An S3 Inventory manifest.json is given as an INPUT")
     _add_job_options(run)
     _add_run_controls(run)
     sectioned(run)  # the help in sections, with units and JobSpec's defaults
@@ -283,7 +283,8 @@ def parse_run(argv: list[str]) -> argparse.Namespace:
 
 
 def run_spec(args: argparse.Namespace) -> JobSpec:
-    """The JobSpec of parsed `veil run` arguments, as cmd_run makes it."""
-    if len(args.paths) < 2:
-        raise SpecError("run: give at least one INPUT and the OUTPUT")
-    return build_spec(spec_fields(args, args.paths[:-1], args.paths[-1]))
+    """The JobSpec of parsed `veil run` arguments (what cmd_run runs and `veil submit` sends)."""
+    lists = [f"list:{f}" for f in getattr(args, "input_list", None) or []]  # operators/input_lists.py reads them
+    if len(args.paths) < 2 and not (lists and args.paths):
+        raise SpecError("run: give at least one INPUT (or --input-list FILE) and the OUTPUT")
+    return build_spec(spec_fields(args, args.paths[:-1] + lists, args.paths[-1]))
