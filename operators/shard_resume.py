@@ -22,9 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from operators.manifest import IMAGES_SCHEMA, PARTS_PER_FOLD, part_urls
+from operators.manifest import IMAGES_SCHEMA, part_urls, read_parts_folded
 from operators.plan import Plan, Shard
 from operators.storage import filesystem, join, read_bytes, write_atomic
 from operators.write import WriteOptions, write_batch
@@ -100,10 +99,4 @@ def read_parts(job_root: str, storage_options: dict | None = None, columns: list
     schema = IMAGES_SCHEMA if columns is None else pa.schema([IMAGES_SCHEMA.field(c) for c in columns])
     fs, _ = filesystem(job_root, storage_options)
     urls = [u for n, u in part_urls(job_root, "images", storage_options, prefix).items() if parts is None or parts(n)]
-    folded, pending = [], []
-    for u in urls:
-        pending.append(pq.read_table(u, filesystem=fs, schema=schema, columns=columns))
-        if len(pending) == PARTS_PER_FOLD:
-            folded.append(pa.concat_tables(pending).combine_chunks())
-            pending = []
-    return pa.concat_tables(folded + pending).combine_chunks() if folded or pending else schema.empty_table()
+    return read_parts_folded(urls, fs, schema, columns)
