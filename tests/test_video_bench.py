@@ -71,3 +71,33 @@ def test_video_figures(tmp_path):
                 figures[key] = {"recall": round(hit / max(len(ref), 1), 3), "fps": round(fps, 1)}
         print(json.dumps(figures))
         assert figures["threshold 0.7, tracking"]["recall"] >= figures["threshold 0.7, no tracking"]["recall"]
+
+
+@pytest.mark.slow
+def test_video_speed_against_deface(tmp_path):
+    """frames/s of one video through operators/video.py (CenterFace at deface's threshold 0.2, 2
+    threads, tracking on) against deface's own video mode on the same clip, in one run. deface is
+    timed as its command runs (model load included, ~0.2 s); ours from the first frame read."""
+    import shutil
+    import subprocess
+
+    if shutil.which("deface") is None:
+        pytest.skip("deface is not installed (pip install deface imageio-ffmpeg): no peer to compare")
+    entry = load_catalog()["centerface"]
+    ours = Detector([(entry.model_dump(), prepared_weights(entry))], ["face"],
+                    for_entries([entry], ["face"], {"face": 0.2}).model_dump(), "cpu", 2)
+    figures = {}
+    for name, path in clip_paths().items():
+        frames = sum(1 for _ in av.open(str(path)).decode(video=0))
+        t = time.perf_counter()
+        subprocess.run([shutil.which("deface"), str(path), "-o", str(tmp_path / f"deface-{name}"), "--thresh", "0.2",
+                        "--backend", "onnxrt"], check=True, capture_output=True)
+        deface_fps = frames / (time.perf_counter() - t)
+        t = time.perf_counter()
+        result = process_video(ours, {"source_url": str(path), "rel_path": name, "member": ""},
+                               VideoOptions(job_root=str(tmp_path / "out")))
+        ours_fps = result["frames"] / (time.perf_counter() - t)
+        figures[name] = {"frames": frames, "veil_fps": round(ours_fps, 1), "deface_fps": round(deface_fps, 1),
+                         "ratio": round(ours_fps / deface_fps, 2)}
+    print(json.dumps(figures))
+    assert all(f["veil_fps"] > 0 and f["deface_fps"] > 0 for f in figures.values())
