@@ -20,7 +20,7 @@ import psutil
 import ray
 
 from jobs.spec import JobSpec, SpecError
-from jobs.stage_options import archive_options, archive_password, write_options  # noqa: F401 (run.py imports it here)
+from jobs.stage_options import archive_options, archive_password, video_options, write_options  # noqa: F401 (run.py imports it here)
 from models.catalog import ModelEntry
 from models.runtime import backend_for
 from operators.archives import expand_rows
@@ -333,13 +333,6 @@ def build_dataset(
     writer = write_by_shard if isinstance(sources, Plan) else write_batch  # parts named after their shard
     return ds.map_batches(writer, batch_size=per_write, batch_format="numpy", num_cpus=TASK_CPUS,
                           fn_kwargs={"options": options})
-
-
-def video_options(spec: JobSpec, job_root: str) -> VideoOptions:
-    return VideoOptions(job_root=job_root, anonymize=spec.anonymize_options(), crf=spec.crf,
-                        keep_bit_rate=spec.keep_bit_rate, tracking=spec.tracking, detect_every=spec.detect_every,
-                        det_max_side=spec.det_max_side, strip_metadata=spec.strip_metadata, debug=spec.debug,
-                        storage_options=dict(spec.storage_options))
 
 
 def repack_archives(groups: dict[str, list[tuple[str, str]]], job_root: str, storage_options: dict) -> list[dict]:

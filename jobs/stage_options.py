@@ -1,12 +1,14 @@
 """A JobSpec as the options of the stages that take options objects: ArchiveOptions (listing and
-expanding archives), WriteOptions (anonymize, encode, write). One place for the job pipeline
-(jobs/pipeline.py), the service's jobs and images (jobs/api/service_jobs.py, processor.py), `veil quote`
-and `veil bench`, so a new spec field reaches all of them at once."""
+expanding archives), WriteOptions (anonymize, encode, write), VideoOptions (a video in the detector).
+One place for the job pipeline (jobs/pipeline.py), the service's jobs and images
+(jobs/api/service_jobs.py, processor.py), `veil quote` and `veil bench`, so a new spec field reaches
+all of them at once."""
 
 from __future__ import annotations
 
 from jobs.spec import JobSpec
 from operators.archives import ArchiveOptions
+from operators.video import VideoOptions
 from operators.write import WriteOptions
 
 
@@ -49,3 +51,10 @@ def archive_password(spec: JobSpec) -> str:
         with open(spec.archive_password_file, encoding="utf-8") as f:
             return f.readline().rstrip("\r\n")
     return ""
+
+
+def video_options(spec: JobSpec, job_root: str) -> VideoOptions:
+    return VideoOptions(job_root=job_root, anonymize=spec.anonymize_options(), crf=spec.crf,
+                        keep_bit_rate=spec.keep_bit_rate, tracking=spec.tracking, detect_every=spec.detect_every,
+                        det_max_side=spec.det_max_side, strip_metadata=spec.strip_metadata, debug=spec.debug,
+                        storage_options=dict(spec.storage_options))

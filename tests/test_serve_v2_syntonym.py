@@ -338,3 +338,23 @@ def test_v2_and_syntonym_routes_never_answer_5xx(case, base):
     # a fresh user of its own for v2, and dave's key for Syntonym (fuzzed calls cannot approve his jobs: ids are random)
     response = case.call(headers={"Authorization": signin(base, "fuzz"), "x-api-key": DAVE}, timeout=120)
     assert response.status_code < 500, (case.method, case.path, response.status_code, response.text[:300])
+
+
+def test_syntonym_video_upload_is_anonymized_as_a_video(base):
+    """A video uploaded to a Syntonym session runs through the same path as a photo (in-process here:
+    processor.run_batch hands it to operators/video.py) and comes back a video with every frame."""
+    import av
+    from video_media import clip_paths
+
+    clip = clip_paths()["carphone_pristine.mp4"]
+    with syntonym(base, DAVE) as dave:
+        job = dave.post("/create_upload_session", json={"file_names": ["car.mp4"]}).json()
+        httpx.put(job["upload_urls"][0]["upload_url"], content=clip.read_bytes()).raise_for_status()
+        assert dave.post(f"/approve_job/{job['job_id']}").status_code == 200
+        result = wait_for(lambda: dave.get(f"/get_job_result/{job['job_id']}").json(),
+                          lambda d: d["job_status"] in ("done", "failed"), timeout=180)
+        assert result["job_status"] == "done" and [t["task_status"] for t in result["tasks"]] == ["done"], result
+        body = httpx.get(result["tasks"][0]["download_url"]).content
+    with av.open(io.BytesIO(body)) as out, av.open(str(clip)) as src:
+        assert out.streams.video[0].codec_context.name == "h264"
+        assert sum(1 for _ in out.decode(video=0)) == sum(1 for _ in src.decode(video=0)) == 120

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from jobs.spec import JobSpec
-from jobs.stage_options import write_options
+from jobs.stage_options import video_options, write_options
 from models.adapters import adapter_class
 from models.catalog import ModelEntry
 from models.detections import CLASSES, Detections
@@ -28,6 +28,7 @@ from operators.budget import Billing
 from operators.detect import Detector
 from operators.prepare import prepare_batch, prepare_item
 from operators.storage import join
+from operators.video import process_videos
 from operators.write import WriteOptions, write_batch, write_item
 
 
@@ -95,10 +96,12 @@ class ImageProcessor:
 
     def run_batch(self, spec: JobSpec, rows: list[dict], options: WriteOptions, billing: Billing) -> dict:
         """The job pipeline's stages on a few listed rows (archive members included): prepare_batch,
-        the Detector, write_batch (which writes the rows' manifest part). Returns write_batch's stats."""
+        the Detector (a video whole, frame by frame, as in the pipeline's actors), write_batch (which
+        writes the rows' manifest part). Returns write_batch's stats."""
         batch = prepare_batch(rows_batch(rows), spec.storage_options, spec.det_max_side,
                               min(spec.max_pixels, self.max_pixels), billing)
-        return write_batch(self.detector(spec)(batch), options)
+        detector = self.detector(spec)
+        return write_batch(detector(process_videos(detector, batch, video_options(spec, options.job_root))), options)
 
 
 def rows_batch(rows: list[dict]) -> dict[str, np.ndarray]:

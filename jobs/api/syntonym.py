@@ -68,7 +68,7 @@ class ModelConfig(BaseModel):
 
 class UploadSession(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=())
-    file_names: list[str] = Field(min_length=1, max_length=1000, description="images and zip / 7z / rar archives")
+    file_names: list[str] = Field(min_length=1, max_length=1000, description="images, videos, zip / 7z / rar")
     model: str = "blur"
     blur_config: ModelConfig = Field(default_factory=ModelConfig, alias="model_config")
 
@@ -119,7 +119,8 @@ def _file_name(name: str, kinds: tuple[str, ...]) -> str:
     if "/" in rel or len(rel) > 255:
         raise SyntonymError(422, f"file_name: {name[:80]!r} must be a file name of at most 255 characters, not a path")
     if kind_of(rel) not in kinds:
-        allowed = "an image" + (", or a zip, 7z or rar archive" if "archive" in kinds else "")
+        allowed = "an image" + (", a video" if "video" in kinds else "") + (
+            ", or a zip, 7z or rar archive" if "archive" in kinds else "")
         raise SyntonymError(422, f"file_name: {rel!r} is not {allowed} (by its extension)")
     return rel
 
@@ -180,7 +181,7 @@ async def direct_upload(request: Request, file_name: str, key: SyntonymKey,
 async def create_upload_session(request: Request, session: UploadSession,
                                 key: SyntonymKey) -> dict:
     service = get_service(request)
-    names = [_file_name(n, ("image", "archive")) for n in session.file_names]
+    names = [_file_name(n, ("image", "video", "archive")) for n in session.file_names]
     if len(set(names)) != len(names):
         raise SyntonymError(422, "file_names: a name is given more than once")
     doc = await _create(request, key, session.model, session.blur_config, names)
