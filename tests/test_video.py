@@ -387,3 +387,47 @@ def test_rotated_video_is_detected_upright_and_boxes_land_on_stored_pixels(tmp_p
     assert np.abs(np.array([x1, y1, x2, y2]) - expected).max() < 6, ([x1, y1, x2, y2], expected)
     with av.open(result["output_url"]) as c:
         assert next(c.decode(video=0)).rotation % 360 == rotation
+
+
+def test_driver_killed_mid_video_then_resume_writes_the_video_once(tmp_path):
+    """kill -9 of a `veil run` (its driver and its own local Ray) while a segmented video's first
+    segments are written; the rerun of the job id finishes with one row and one whole output."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from collections import Counter
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    shutil.copy(clip_paths()["bikes.mp4"], src / "bikes.mp4")
+    shutil.copy(clip_paths()["carphone_pristine.mp4"], src / "car.mp4")
+    args = [sys.executable, "-m", "jobs.cli", "run", str(src), str(out), "--job-id", "k", "--face",
+            "--detect-models", "centerface-int8", "--video-segment-seconds", "3"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, killed with it
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not [p for p in (out / "k" / "segments").rglob("*") if p.is_file()]:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()[-3000:]
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)  # a segment written, the video not joined yet
+        proc.wait(60)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert not (out / "k" / "images" / "bikes.mp4").exists()
+    time.sleep(3)  # workers of the killed Ray may outlive it by ~2 s
+    rerun = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    rows = pq.read_table(out / "k" / "manifest" / "images").to_pylist()
+    assert Counter(r["rel_path"] for r in rows) == {"bikes.mp4": 1, "car.mp4": 1}, rows
+    bikes = next(r for r in rows if r["rel_path"] == "bikes.mp4")
+    assert bikes["status"] == "done" and bikes["frames"] == 250
+    with av.open(str(out / "k" / "images" / "bikes.mp4")) as c:
+        assert sum(1 for _ in c.decode(video=0)) == 250
+    assert not [p for p in (out / "k" / "segments").rglob("*") if p.is_file()]
+    assert json.loads((out / "k" / "job.json").read_text())["totals"]["done"] == 2
