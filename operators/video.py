@@ -49,6 +49,8 @@ from operators.video_io import (
 ROTATION_TO_EXIF = {0: 1, 90: 8, 180: 3, 270: 6}
 
 
+# 360 video is 2:1 from 3840x1920 (most 360 cameras' 4K) up; dashcams are 16:9 or 4:3
+VIDEO_PANORAMA_MIN_WIDTH = 1920
 LOW_FACTOR = 0.6  # with tracking, boxes down to this fraction of the class threshold may continue a track
 
 
@@ -226,6 +228,7 @@ class _FrameLoop:
         self.detector, self.info, self.options, self.out, self.vout, self.result = (
             detector, info, options, out, vout, result)
         self.orientation = ROTATION_TO_EXIF.get(info.rotation, 1)
+        self.panorama = _is_panorama(detector, info, self.orientation)
         gap = max(options.max_gap, options.detect_every)
         self.tracker = IoUTracker(max_gap=gap, hold=options.detect_every - 1) if options.tracking else None
         # with tracking, one detection pass at the lowered thresholds; the job's own thresholds decide
@@ -263,7 +266,7 @@ class _FrameLoop:
                                                   interpolation=cv2.INTER_AREA)
         det = np.ascontiguousarray(upright(small, self.orientation))
         scale = w / small.shape[1]
-        found = (self.low or self.detector).detect([det], [False], [scale])[0]
+        found = (self.low or self.detector).detect([det], [self.panorama], [scale])[0]
         sure = confident(self.detector, found, scale) if self.low is not None else None
         return to_stored_pixels(found, det.shape[1], det.shape[0], w, h, self.orientation), sure
 
@@ -328,3 +331,14 @@ def manifest_rows(image_row: dict, video_json: str) -> tuple[dict, list[dict]]:
     image_row.update({f"n_{c}": len(tracks[k]) for k, c in enumerate(CLASSES)},
                      anonymized=any(r["is_anonymised"] for r in rows))
     return image_row, rows
+
+
+def _is_panorama(detector, info, orientation: int) -> bool:
+    """Whether the video's frames wrap around at the seam (equirectangular 360 video): the
+    detector's format says so, or with `auto` the upright frame is 2:1 and at least
+    VIDEO_PANORAMA_MIN_WIDTH wide. The detector then handles the seam as for photos."""
+    tiling = getattr(detector, "format", "auto")
+    if tiling != "auto":
+        return tiling == "panorama"
+    w, h = (info.height, info.width) if orientation in (5, 6, 7, 8) else (info.width, info.height)
+    return w == 2 * h and w >= VIDEO_PANORAMA_MIN_WIDTH

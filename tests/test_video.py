@@ -431,3 +431,33 @@ def test_driver_killed_mid_video_then_resume_writes_the_video_once(tmp_path):
         assert sum(1 for _ in c.decode(video=0)) == 250
     assert not [p for p in (out / "k" / "segments").rglob("*") if p.is_file()]
     assert json.loads((out / "k" / "job.json").read_text())["totals"]["done"] == 2
+
+
+class _Recording:
+    """Finds nothing; records the `panoramas` flags the video path asks for."""
+
+    format = "auto"
+
+    def __init__(self):
+        self.panoramas: list[bool] = []
+
+    def detect(self, images, panoramas=None, scales=None) -> list[Detections]:
+        self.panoramas += list(panoramas or [])
+        return [Detections.empty() for _ in images]
+
+
+@pytest.mark.parametrize("size, panorama", [((1920, 960), True), ((1920, 1080), False), ((1280, 640), False)])
+def test_360_video_frames_get_the_panorama_seam_handling(tmp_path, size, panorama):
+    from operators.video import VideoOptions, process_video
+
+    w, h = size
+    with av.open(str(tmp_path / "c.mp4"), "w") as out:
+        v = out.add_stream("libx264", rate=10)
+        v.width, v.height, v.pix_fmt = w, h, "yuv420p"
+        for p in [*v.encode(av.VideoFrame.from_ndarray(np.zeros((h, w, 3), np.uint8), format="rgb24")),
+                  *v.encode(None)]:
+            out.mux(p)
+    det = _Recording()
+    result = process_video(det, {"source_url": str(tmp_path / "c.mp4"), "rel_path": "c.mp4", "member": ""},
+                           VideoOptions(job_root=str(tmp_path / "out"), tracking=False))
+    assert result["status"] == "done" and det.panoramas == [panorama]
