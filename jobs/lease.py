@@ -53,7 +53,11 @@ def stale_reason(doc: dict, ttl: float, now: float | None = None) -> str | None:
         return f"not renewed for {age:.0f} s (stale after {ttl:.0f} s)"
     if doc.get("host") == socket.gethostname():
         try:
-            if abs(psutil.Process(int(doc["pid"])).create_time() - float(doc.get("pid_started", 0))) < 1:
+            holder = psutil.Process(int(doc["pid"]))
+            # a killed driver not yet reaped by its parent is a zombie: gone all the same (Ray's
+            # job stop SIGKILLs it and says STOPPED before its parent waits for it)
+            if (abs(holder.create_time() - float(doc.get("pid_started", 0))) < 1
+                    and holder.status() != psutil.STATUS_ZOMBIE):
                 return None
         except (psutil.NoSuchProcess, psutil.AccessDenied, KeyError, ValueError):
             pass

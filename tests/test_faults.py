@@ -221,6 +221,16 @@ def _lease_rules(root: str, opts: dict, fs=None) -> None:
     assert "is gone" in lease.took_over
     assert lease.renew() and not lease.lost.is_set()
     lease.release()
+    killed = subprocess.Popen(["sleep", "60"])
+    killed.kill()  # SIGKILLed and not yet waited for: a zombie, as Ray's job stop leaves a driver
+    time.sleep(0.2)
+    assert psutil.Process(killed.pid).status() == psutil.STATUS_ZOMBIE
+    plant(host=socket.gethostname(), pid=killed.pid, renewed=time.time(),
+          pid_started=psutil.Process(killed.pid).create_time())
+    lease = JobLease(root, opts).acquire("job")
+    assert "is gone" in lease.took_over
+    lease.release()
+    killed.wait()
 
     winners, refused = [], []
 
