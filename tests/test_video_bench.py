@@ -101,3 +101,56 @@ def test_video_speed_against_deface(tmp_path):
                          "ratio": round(ours_fps / deface_fps, 2)}
     print(json.dumps(figures))
     assert all(f["veil_fps"] > 0 and f["deface_fps"] > 0 for f in figures.values())
+
+
+@pytest.mark.slow
+def test_two_minute_clip_in_segments_gives_the_frames_of_a_whole_run(tmp_path):
+    """A 2-minute clip (bikes.mp4's 250 frames 12 times, a keyframe every 2 s) anonymized whole and
+    as 20 s segments joined by stream copy, with CenterFace: the same frame count and timestamps,
+    the same boxes (tracking off: it does not cross a cut), pixels equal but for encoding noise
+    (mean absolute difference per pixel and channel, 0..255)."""
+    import numpy as np
+
+    from operators.video_segments import join_segments, keyframe_times, plan_segments
+
+    frames = [f.to_ndarray(format="rgb24") for f in av.open(str(clip_paths()["bikes.mp4"])).decode(video=0)]
+    src = tmp_path / "long.mp4"
+    with av.open(str(src), "w") as o:
+        s = o.add_stream("libx264", rate=25, options={"crf": "20", "g": "50", "keyint_min": "50", "preset": "veryfast"})
+        s.width, s.height, s.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv420p"
+        for _ in range(12):
+            for f in frames:
+                for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                    o.mux(p)
+        for p in s.encode(None):
+            o.mux(p)
+    spans = plan_segments(keyframe_times(str(src)), 120.0, 20.0)
+    detector = _detector(0.5)
+    row = {"source_url": str(src), "rel_path": "long.mp4", "member": ""}
+    t = time.perf_counter()
+    whole = process_video(detector, row, VideoOptions(job_root=str(tmp_path / "whole"), tracking=False))
+    whole_s = time.perf_counter() - t
+    parts, boxes = [], 0
+    t = time.perf_counter()
+    for k, span in enumerate(spans):
+        part = process_video(detector, {**row, "segment": span},
+                             VideoOptions(job_root=str(tmp_path / f"seg{k}"), tracking=False))
+        assert part["status"] == "done", part
+        parts.append(part["output_url"])
+        boxes += len(part["dets"])
+    join_segments(parts, str(tmp_path / "joined.mp4"))
+    segments_s = time.perf_counter() - t
+
+    n, diff, total, same_pts = 0, 0.0, 0.0, True
+    with av.open(str(whole["output_url"])) as ca, av.open(str(tmp_path / "joined.mp4")) as cb:
+        for fa, fb in zip(ca.decode(video=0), cb.decode(video=0), strict=True):  # streamed: 3,000 frames
+            n, same_pts = n + 1, same_pts and fa.pts == fb.pts
+            x, y = fa.to_ndarray(format="rgb24").astype(int), fb.to_ndarray(format="rgb24").astype(int)
+            frame_diff = float(np.abs(x - y).mean())
+            diff, total = max(diff, frame_diff), total + frame_diff
+    print(json.dumps({"frames": n, "segments": len(spans), "boxes": [len(whole["dets"]), boxes],
+                      "mean_abs_diff": round(total / max(n, 1), 2), "worst_frame": round(diff, 2),
+                      "whole_fps": round(n / whole_s, 1), "segments_one_by_one_fps": round(n / segments_s, 1)}))
+    assert n == whole["frames"] == 3000 and same_pts and len(spans) >= 5
+    # the segments are encoded without B-frames: their noise differs, never the picture
+    assert boxes == len(whole["dets"]) and total / n < 3 and diff < 6
