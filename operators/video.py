@@ -124,11 +124,12 @@ def process_videos(detector, batch: dict[str, np.ndarray], options: VideoOptions
 
 def process_video(detector, row: dict, options: VideoOptions) -> dict:
     """Anonymize one video; returns status, failure_cause, error, info, frames, output_url,
-    bytes_out, dets (rows of frame, track, class, score, x1, y1, x2, y2, model, anonymised) and timings."""
+    bytes_out, dets (rows of frame, track, class, score, x1, y1, x2, y2, model, anonymised), times
+    ([frame, seconds] of the frames with boxes) and timings."""
     t0, cpu0 = time.perf_counter(), time.process_time()
     data = row.get("data") or None
     result = {"status": "done", "failure_cause": "", "error": "", "frames": 0, "output_url": None, "bytes_out": 0,
-              "dets": [], "info": {}}
+              "dets": [], "times": [], "info": {}}
     try:
         src = open_source(str(row["source_url"]), options.storage_options, data if row.get("member") else None)
     except Exception as exc:  # vanished, unreachable: the row says so, the job goes on
@@ -283,6 +284,8 @@ class _FrameLoop:
             done = anonymize(rgb, boxes, self.options.anonymize)
             img = draw_debug(done.image, boxes) if self.options.debug else done.image
             anonymised = done.anonymised & (self.options.anonymize.method != "detect")
+        if len(boxes):  # the metadata JSON's per-frame time (operators/video_metadata.py)
+            self.result["times"].append([idx, None if frame.time is None else round(float(frame.time), 4)])
         for j, b in enumerate(boxes.boxes):
             self.result["dets"].append([idx, int(ids[j]), int(boxes.classes[j]), round(float(boxes.scores[j]), 4),
                                         *(round(float(v), 1) for v in b), boxes.models[j], bool(anonymised[j])])

@@ -143,7 +143,8 @@ def finish(parts: list[str], rel_path: str, job_root: str, storage_options: dict
     failed = next((d for d in docs if d.get("status") != "done"), None)
     keep = docs[: docs.index(failed) + 1] if failed else docs
     paths = [d["output_url"] for d in keep if d.get("output_url")]
-    merged = {"info": docs[0].get("info") or {}, "frames": 0, "dets": [], "output_url": None, "bytes_out": 0,
+    merged = {"info": docs[0].get("info") or {}, "frames": 0, "dets": [], "times": [], "output_url": None,
+              "bytes_out": 0,
               "t_ms": sum(d.get("t_ms") or 0 for d in docs), "cpu_ms": sum(d.get("cpu_ms") or 0 for d in docs),
               "credits": sum(d.get("credits") or 0 for d in docs), "segments": len(docs),
               "status": failed["status"] if failed else "done",
@@ -154,6 +155,7 @@ def finish(parts: list[str], rel_path: str, job_root: str, storage_options: dict
         dets = d.get("dets") or []
         merged["dets"] += [[det[0] + merged["frames"], det[1] + tracks if det[1] >= 0 else -1, *det[2:]]
                            for det in dets]
+        merged["times"] += [[k + merged["frames"], t] for k, t in d.get("times") or []]
         merged["frames"] += int(d.get("frames") or 0)
         tracks += max((det[1] + 1 for det in dets), default=0)
     declared = int(merged["info"].get("frames") or 0)

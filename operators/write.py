@@ -32,6 +32,7 @@ from operators.codecs import (
 from operators.manifest import DETECTIONS_SCHEMA, IMAGES_SCHEMA, batch_part_name, write_part
 from operators.storage import is_no_space, join, write_atomic
 from operators.video import manifest_rows as video_manifest_rows
+from operators.video_metadata import video_metadata
 from operators.video_segments import SegmentJoiner
 from operators.video_segments import finish as finish_segments
 
@@ -69,10 +70,10 @@ def write_batch(batch: dict[str, np.ndarray], options: WriteOptions) -> dict[str
     for i in range(len(batch["item_id"])):
         row = {k: batch[k][i] for k in batch}
         if str(row.get("kind")) == "video" and row.get("video"):  # written by the detection actor
-            row, video_json = _video_result(row, options)
-            if row is None:  # a segment of a video whose other segments are not all written yet
+            written = write_video(row, options)
+            if written is None:  # a segment of a video whose other segments are not all written yet
                 continue
-            image_row, video_dets = video_manifest_rows(_video_row(row, options), video_json)
+            image_row, video_dets = written
             image_rows.append(image_row)
             det_rows.extend(video_dets)
         else:
@@ -267,6 +268,20 @@ def _video_result(row: dict, options: WriteOptions) -> tuple[dict | None, str]:
     merged = finish_segments(parts, str(row["rel_path"]), options.job_root, options.storage_options)
     row = row | {key: merged[key] for key in ("status", "failure_cause", "error", "credits")}
     return row, json.dumps(merged)
+
+
+def write_video(row: dict, options: WriteOptions) -> tuple[dict, list[dict]] | None:
+    """A video the detection actor wrote (operators/video.py): its manifest rows, and its
+    metadata JSON when asked; None for a segment until its video's last segment comes in."""
+    row, video_json = _video_result(row, options)
+    if row is None:
+        return None
+    image_row, dets = video_manifest_rows(_video_row(row, options), video_json)
+    if (options.save_metadata or options.method == "detect") and image_row["frames"]:
+        doc = video_metadata(row, image_row, dets, json.loads(video_json).get("times") or [])
+        url = join(options.job_root, "metadata", row["rel_path"] + ".json")
+        write_atomic(url, json.dumps(doc, indent=1).encode(), options.storage_options)
+    return image_row, dets
 
 
 _LOCAL_JOINER = SegmentJoiner()  # without Ray (tests): one process writes every segment

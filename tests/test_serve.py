@@ -178,6 +178,49 @@ def test_container_sync_async_and_delete(alice, face_photo):
                       headers={"Content-Type": "image/jpeg", "x-is-async": "maybe"}).status_code == 422
 
 
+def test_container_takes_a_video_with_its_flags(alice):
+    """A video POSTed to the container's /task runs as a job's video does: the output is a video
+    with every frame, /metadata has the boxes frame by frame; `no-object-tracking` turns tracking
+    off (no track ids), `keep-bit-rate` encodes at the source's bit rate instead of CRF 23."""
+    import io
+
+    import av
+    from video_media import clip_paths
+
+    data = clip_paths()["carphone_pristine.mp4"].read_bytes()  # a face in a car, 120 frames, ~1.2 Mbit/s
+    mp4 = {"Content-Type": "video/mp4"}
+
+    def run(**flags) -> tuple[dict, bytes, dict]:
+        r = alice.post("/task", params={"face": "true", "face-threshold": "0.5", **flags}, content=data, headers=mp4)
+        assert r.status_code == 200, r.text
+        task = r.json()
+        assert (task["task_status"], task["frames"], task["detections"]["face"] >= 1) == ("done", 120, True), task
+        video = alice.get(f"/task/{task['id']}/anonymized")
+        assert video.headers["content-type"] == "video/mp4"
+        with av.open(io.BytesIO(video.content)) as c:
+            assert sum(1 for _ in c.decode(video=0)) == 120
+        return task, video.content, alice.get(f"/task/{task['id']}/metadata").json()
+
+    plain, plain_out, meta = run(**{"no-object-tracking": "true"})
+    assert plain["video_options"] == {"no-object-tracking": True}
+    assert (meta["frame_count"], meta["width"], meta["height"]) == (120, 176, 144)
+    first = meta["frames"][0]
+    assert first["frame"] == 0 and first["time_s"] == 0.0 and first["detections"][0]["type"] == "face"
+    assert all(d["track_id"] is None for f in meta["frames"] for d in f["detections"])  # no tracking
+    assert meta["frames"][-1]["time_s"] == pytest.approx(meta["frames"][-1]["frame"] / meta["fps"], abs=0.01)
+
+    tracked, kept_out, meta = run(**{"keep-bit-rate": "true"})
+    assert len({f["frame"] for f in meta["frames"]}) == 120  # tracking: the face is boxed on every frame
+    assert all(d["track_id"] is not None for f in meta["frames"] for d in f["detections"])
+    bit_rate = len(kept_out) * 8 / 4.0  # 120 frames at 29.97 fps
+    assert 0.7 < bit_rate / 1_171_868 < 1.3 and len(kept_out) > 2 * len(plain_out)  # the source's, not CRF 23's
+
+    refused = alice.post("/task?face=true&save-mask=all", content=data, headers=mp4)
+    assert refused.status_code == 422 and "save-mask" in refused.text
+    # Celantur's cloud API (v1, v2) takes images: a video there is refused by its type
+    assert alice.post("/v1/file?face=true", content=data, headers=mp4).status_code == 415
+
+
 # --- FaceBlurest ---
 
 

@@ -137,7 +137,8 @@ def video_job(tmp_path_factory, shared_dir, ray_local):
     (src / "text.mp4").write_text("this is not a video")
     spec = build_spec({"inputs": [str(src)], "output": str(root / "out"), "job_id": "vid", "face": True,
                        "detect_models": ["centerface"], "face_threshold": FACE_THRESHOLD,
-                       "video_segment_seconds": 3})  # bikes (10 s) runs as 3 segments, carphone (4 s) whole
+                       "video_segment_seconds": 3,  # bikes (10 s) runs as 3 segments, carphone (4 s) whole
+                       "save_metadata": True})
     doc = run_job(spec)
     job = root / "out" / "vid"
     images = {r["rel_path"]: r for r in pq.read_table(job / "manifest/images").to_pylist()}
@@ -166,6 +167,30 @@ def test_videos_are_items_with_their_rows(video_job):
     assert {d["frame"] for d in car} == set(range(120))  # the face is blurred on every frame
     assert all(d["track_id"] is not None for d in car) and images["carphone_pristine.mp4"]["n_face"] >= 1
     assert all(d["frame"] is None for d in dets if d["item_id"] == images["photo.jpg"]["item_id"])
+
+
+def test_metadata_json_has_the_boxes_frame_by_frame(video_job):
+    """--save-metadata: a video's metadata/<rel>.json has one entry per frame with boxes (index,
+    presentation time, the photos' detection fields plus track_id), the same boxes as the manifest;
+    bikes.mp4 ran as 3 segments, so its frames and times were renumbered when joined."""
+    src, job, doc, images, dets = video_job
+    for name in ("carphone_pristine.mp4", "bikes.mp4"):
+        meta = json.loads((job / "metadata" / (name + ".json")).read_text())
+        row = images[name]
+        assert (meta["file"], meta["frame_count"], meta["width"]) == (name, row["frames"], row["width"])
+        mine = [d for d in dets if d["item_id"] == row["item_id"]]
+        assert sum(len(f["detections"]) for f in meta["frames"]) == len(mine)
+        assert {f["frame"] for f in meta["frames"]} == {d["frame"] for d in mine}
+        _, pts = _frames(job / "images" / name)
+        with av.open(str(job / "images" / name)) as c:
+            base = c.streams.video[0].time_base
+        for f in meta["frames"]:
+            assert f["time_s"] == pytest.approx(float(pts[f["frame"]] * base), abs=1e-3)
+            assert all(d["track_id"] is not None and d["type"] == "face" for d in f["detections"])
+    car = json.loads((job / "metadata/carphone_pristine.mp4.json").read_text())
+    assert len(car["frames"]) == 120
+    assert (job / "metadata/photo.jpg.json").exists()  # photos keep their own shape
+    assert "detections" in json.loads((job / "metadata/photo.jpg.json").read_text())
 
 
 def test_hostile_videos_fail_with_a_cause(video_job):

@@ -6,9 +6,13 @@
     DELETE /task/{id}                      the task and its files
     DELETE /task/lists                     every task of the caller
 
-Same query parameters as Celantur v1's /v1/file, plus the container's video flags
-(`no-object-tracking`, `keep-bit-rate`), which are recorded in the task and otherwise ignored
-(veil anonymizes images). Authentication is Celantur's access token, as on v1.
+Same query parameters as Celantur v1's /v1/file, plus the container's video flags. The body is an
+image (image/jpeg, image/png) or, as the container takes them, a video (video/mp4, video/quicktime,
+video/x-matroska, video/webm, video/x-msvideo): it runs through operators/video.py as a job's
+video does (tracking, encoding, audio kept); `no-object-tracking=true` is `--no-tracking`,
+`keep-bit-rate=true` is `--keep-bit-rate`; /anonymized is the video, /metadata its boxes frame by
+frame; `save-mask` is refused for a video (422). The flags are recorded in the task and change
+nothing for an image. Authentication is Celantur's access token, as on v1.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ from fastapi import APIRouter, Request, Security
 from fastapi.concurrency import run_in_threadpool
 
 from jobs.api.celantur_v1 import (
-    IMAGE_BODY,
     NAME_PARAM,
     add_output_routes,
     celantur_user,
@@ -26,7 +29,7 @@ from jobs.api.celantur_v1 import (
 )
 from jobs.api.errors import ApiError
 from jobs.api.params import ParamError, openapi_parameters
-from jobs.api.service import Busy, get_service
+from jobs.api.service import MEDIA, VIDEO_TYPES, Busy, get_service
 from jobs.api.tasks import public
 
 API = "celantur-container"
@@ -35,7 +38,9 @@ TRUTH = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no":
 router = APIRouter(tags=["Celantur container"])
 
 _video_params = [{"name": f, "in": "query", "required": False, "schema": {"type": "boolean"},
-                  "description": "video only: recorded, ignored for images"} for f in VIDEO_FLAGS]
+                  "description": "video only (recorded, ignored for images)"} for f in VIDEO_FLAGS]
+MEDIA_BODY = {"required": True, "content": {t: {"schema": {"type": "string", "format": "binary"}}
+                                            for t in ("image/jpeg", "image/png", *VIDEO_TYPES)}}
 _async_header = {"name": "x-is-async", "in": "header", "required": False, "schema": {"type": "boolean"},
                  "description": "true: answer at once with the queued task; poll GET /task/{id}"}
 
@@ -49,14 +54,14 @@ def _video_options(given: dict[str, str]) -> dict:
     return {"video_options": options} if options else {}
 
 
-@router.post("/task", summary="Anonymize one image (synchronous unless x-is-async: true)",
+@router.post("/task", summary="Anonymize one image or video (synchronous unless x-is-async: true)",
              openapi_extra={"parameters": openapi_parameters([NAME_PARAM, *_video_params, _async_header]),
-                            "requestBody": IMAGE_BODY})
+                            "requestBody": MEDIA_BODY})
 async def create_task(request: Request, user: str = Security(celantur_user)) -> dict:
     flag = request.headers.get("x-is-async", "false").strip().lower()
     if flag not in TRUTH:
         raise ApiError(422, f"x-is-async: must be true or false, got {flag[:20]!r}")
-    doc, spec = await upload_task(request, user, API, VIDEO_FLAGS, _video_options)
+    doc, spec = await upload_task(request, user, API, VIDEO_FLAGS, _video_options, MEDIA)
     service = get_service(request)
     if TRUTH[flag]:
         try:

@@ -24,7 +24,7 @@ from jobs.api.auth import AuthError
 from jobs.api.errors import ApiError
 from jobs.api.params import ParamError, openapi_parameters, task_query
 from jobs.api.ratelimit import RateLimited, client_address
-from jobs.api.service import CONTENT_TYPES, Busy, UploadTooLarge, get_service, read_capped
+from jobs.api.service import CONTENT_TYPES, VIDEO_TYPES, Busy, UploadTooLarge, get_service, read_capped
 from jobs.api.tasks import OUTPUTS, TaskNotFound, public
 from jobs.spec import JobSpec
 
@@ -38,7 +38,8 @@ NAME_PARAM = {"name": "name", "in": "query", "required": False, "schema": {"type
               "description": "a label for the task (shown in lists; never used as a path)"}
 IMAGE_BODY = {"required": True, "content": {t: {"schema": {"type": "string", "format": "binary"}}
                                             for t in ("image/jpeg", "image/png")}}
-MEDIA_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "metadata": "application/json", "mask": "image/png"}
+MEDIA_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "metadata": "application/json", "mask": "image/png",
+               **{fmt: media for media, fmt in VIDEO_TYPES.items()}}
 
 
 def celantur_user(request: Request, token: str | None = Security(_token)) -> str:
@@ -66,16 +67,22 @@ async def signin(request: Request, body: SignIn) -> dict:
 
 
 async def upload_task(request: Request, user: str, api: str, extra_params: tuple[str, ...] = (),
-                      extra_fields: Callable[[dict[str, str]], dict] | None = None) -> tuple[dict, JobSpec]:
+                      extra_fields: Callable[[dict[str, str]], dict] | None = None,
+                      media: dict[str, str] = CONTENT_TYPES) -> tuple[dict, JobSpec]:
     """Shared by /v1/file and the container's /task: checks, stores the upload, returns (task, spec).
-    `extra_params` are an API's own parameters; `extra_fields` turns them into task fields (or ParamError)."""
+    `extra_params` are an API's own parameters; `extra_fields` turns them into task fields (or ParamError);
+    `media`: the Content-Types taken (the container's include videos)."""
     service = get_service(request)
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type not in CONTENT_TYPES:
-        raise ApiError(415, f"Content-Type must be image/jpeg or image/png, got {content_type or 'none'!r}")
+    if content_type not in media:
+        raise ApiError(415, f"Content-Type must be one of {', '.join(sorted(set(media)))}, "
+                            f"got {content_type or 'none'!r}")
     try:
         params, name, own = task_query(list(request.query_params.multi_items()), extra_params)
         extra = extra_fields(own) if extra_fields else {}
+        if content_type in VIDEO_TYPES and params.get("save-mask"):
+            raise ParamError("save-mask: masks are made for images; a video's boxes, frame by frame, "
+                             "are in its metadata (save-metadata)")
         spec = await run_in_threadpool(service.image_spec, params, content_type)  # reads the model catalog
     except ParamError as exc:
         raise ApiError(422, str(exc)) from None

@@ -1,4 +1,5 @@
-"""Images in-process: the pipeline's own operators (prepare -> detect -> write) without Ray.
+"""Images (and the Celantur container's videos) in-process: the pipeline's own operators (prepare ->
+detect -> write) without Ray.
 
 A job runs these stages as Ray Data map_batches over many items; a synchronous API call has one
 image and must answer in a second or so, so it runs the same functions here on a one-row batch
@@ -26,10 +27,11 @@ from models.fetch import prepared_weights
 from models.runtime import backend_for
 from operators.budget import Billing
 from operators.detect import Detector
+from operators.items import kind_of
 from operators.prepare import prepare_batch, prepare_item
 from operators.storage import join
 from operators.video import process_videos
-from operators.write import WriteOptions, write_batch, write_item
+from operators.write import WriteOptions, write_batch, write_item, write_video
 
 
 @dataclass
@@ -44,8 +46,12 @@ class Processed:
     height: int
     detections: Detections
     anonymised: np.ndarray  # per detection: whether its pixels were changed
+    frames: int | None = None  # a video's: then `detections` holds every frame's boxes
+    objects: dict[str, int] | None = None  # a video's: tracks per class (what counts() gives)
 
     def counts(self) -> dict[str, int]:
+        if self.objects is not None:
+            return self.objects
         return {c: int(np.sum(self.detections.classes == k)) for k, c in enumerate(CLASSES)}
 
 
@@ -79,9 +85,11 @@ class ImageProcessor:
         """Read the original from the storage, detect, and write the outputs into `task_root`
         (images/, masks/, metadata/ as in a job's folder)."""
         row = {"item_id": os.path.basename(task_root), "source_url": original_url, "member": "", "rel_path": rel_path,
-               "kind": "image", "status": "", "failure_cause": "", "error": ""}
+               "kind": kind_of(rel_path), "status": "", "failure_cause": "", "error": ""}
         item = {**row, **prepare_item(row, spec.storage_options, spec.det_max_side,
                                       min(spec.max_pixels, self.max_pixels))}
+        if item["kind"] == "video":
+            return self._process_video(spec, item, task_root)
         if item["status"] == "pending":
             detected = self.detector(spec)(rows_batch([item]))
             item["detections"] = str(detected["detections"][0])
@@ -93,6 +101,20 @@ class ImageProcessor:
         return Processed(image_row["status"], image_row["failure_cause"], image_row["error"], image_row["format"],
                          image_row["width"], image_row["height"], dets, anonymised)
 
+    def _process_video(self, spec: JobSpec, item: dict, task_root: str) -> Processed:
+        """A video (the Celantur container takes them) as a job's detection actor and write task run
+        one: operators/video.py writes images/<file>, write_video its metadata JSON."""
+        job_id = os.path.basename(task_root)
+        batch = process_videos(self.detector(spec), rows_batch([item]), video_options(spec, task_root))
+        row = {k: v[0] for k, v in batch.items()}
+        row["source_url"] = join("tasks", job_id, "original", row["rel_path"])  # as for an image
+        image_row, dets = write_video(row, write_options(spec, task_root, job_id=job_id, save_metadata=True))
+        boxes = Detections([[d["x1"], d["y1"], d["x2"], d["y2"]] for d in dets], [d["score"] for d in dets],
+                           [CLASSES.index(d["class"]) for d in dets]) if dets else Detections.empty()
+        return Processed(image_row["status"], image_row["failure_cause"], image_row["error"], image_row["format"],
+                         image_row["width"], image_row["height"], boxes,
+                         np.array([d["is_anonymised"] for d in dets], bool), frames=image_row["frames"] or 0,
+                         objects={c: image_row[f"n_{c}"] for c in CLASSES})
 
     def run_batch(self, spec: JobSpec, rows: list[dict], options: WriteOptions, billing: Billing) -> dict:
         """The job pipeline's stages on a few listed rows (archive members included): prepare_batch,

@@ -48,6 +48,9 @@ from operators.storage import filesystem, join, read_bytes
 log = logging.getLogger("veil.serve")
 
 CONTENT_TYPES = {"image/jpeg": "jpeg", "image/jpg": "jpeg", "image/png": "png"}
+VIDEO_TYPES = {"video/mp4": "mp4", "video/quicktime": "mov", "video/x-matroska": "mkv", "video/webm": "webm",
+               "video/x-msvideo": "avi"}  # taken where an API shape takes videos (the Celantur container)
+MEDIA = CONTENT_TYPES | VIDEO_TYPES
 UPLOAD = "original/upload"  # where a v2 upload URL puts the image, until it is checked
 
 
@@ -101,14 +104,14 @@ class Service:
         The file name comes from the declared content type; the content is checked (sniffed) when
         processed, so a PNG sent as image/jpeg ends `failed` with CONTENT_TYPE_ERROR, as in a job."""
         task_id = self.store.new_id()
-        original = self.store.url(task_id, f"original/{FILE_NAMES[CONTENT_TYPES[content_type]]}")
+        original = self.store.url(task_id, f"original/{FILE_NAMES[MEDIA[content_type]]}")
         return build_task_spec(params, original, self.store.root, task_id, self.config.storage_options,
                                self.config.webhook_hosts)
 
     def new_image_task(self, api: str, owner: str, spec: JobSpec, body: bytes, content_type: str,
                        name: str | None = None, extra: dict | None = None) -> dict:
         """Store the upload and a `new` task.json."""
-        file = FILE_NAMES[CONTENT_TYPES[content_type]]
+        file = FILE_NAMES[MEDIA[content_type]]
         doc = self._task_doc(api, owner, spec, name or file,
                              {"content_type": content_type, "file": file, "size": len(body), **(extra or {})})
         self.store.put(doc["id"], f"original/{file}", body)
@@ -284,6 +287,7 @@ class Service:
     def _process(self, doc: dict, spec: JobSpec) -> dict:
         doc.update(task_status="processing", started=now_iso())
         self.store.save(doc)
+        spec = with_video_flags(spec, doc.get("video_options") or {})
         try:
             result = self.processor.process(spec, self.store.url(doc["id"], f"original/{doc['file']}"), doc["file"],
                                             self.store.folder(doc["id"]))
@@ -308,6 +312,8 @@ class Service:
                    format=result.format, width=result.width, height=result.height,
                    detections=counts, detections_count=sum(counts.values()),
                    anonymized_count=int(np.sum(result.anonymised)))
+        if result.frames is not None:
+            doc["frames"] = result.frames
         doc["outputs"] = [kind for kind, rel in OUTPUTS.items() if self._exists(doc, rel)]
 
     def _exists(self, doc: dict, relative: str) -> bool:
@@ -347,6 +353,17 @@ class Service:
     def delete(self, doc: dict) -> dict:
         self.store.delete(doc["id"])
         return {**public(doc), "task_status": "deleted", "updated": now_iso()}
+
+
+def with_video_flags(spec: JobSpec, flags: dict[str, bool]) -> JobSpec:
+    """The spec with the Celantur container's video flags a task recorded (`no-object-tracking`,
+    `keep-bit-rate`) applied; they change nothing for an image."""
+    update = {}
+    if "no-object-tracking" in flags:
+        update["tracking"] = not flags["no-object-tracking"]
+    if "keep-bit-rate" in flags:
+        update["keep_bit_rate"] = flags["keep-bit-rate"]
+    return spec.model_copy(update=update) if update else spec
 
 
 def get_service(request: Request) -> Service:

@@ -25,7 +25,9 @@ from operators.storage import filesystem, join, read_bytes, write_atomic
 
 DEFAULT_STORAGE = str(Path.home() / ".cache" / "veil" / "service")
 TASK_ID = re.compile(r"[0-9a-f]{32}")
-FILE_NAMES = {"jpeg": "image.jpg", "png": "image.png"}  # by the declared content type, never a client's name
+# by the declared content type, never a client's name (videos: the Celantur container only)
+FILE_NAMES = {"jpeg": "image.jpg", "png": "image.png", "mp4": "video.mp4", "mov": "video.mov", "mkv": "video.mkv",
+              "webm": "video.webm", "avi": "video.avi"}
 
 # What each download route serves, relative to the task folder ({file} is the task's file name).
 OUTPUTS = {
