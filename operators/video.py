@@ -2,9 +2,11 @@
 
 Videos run inside the detection actors (jobs/pipeline.py hands them over): a video's frames
 never travel through Ray's object store, and its detector is the photos' one (same profile,
-classes, thresholds). Frames are streamed: at most the tracker's look-ahead (`max_gap` + 2
-frames) is held. The output keeps the container, codec family, size, frame rate, timestamps
-and display rotation; audio, subtitle and data streams are copied packet for packet (data
+classes, thresholds). This module demuxes and decodes (a segment: its span plus context frames
+on both sides); operators/video_frames.py detects, tracks, anonymizes and encodes each frame.
+Frames are streamed: at most the tracker's look-ahead (`max_gap` + 2 frames) is held. The
+output keeps the container, codec family, size, frame rate, timestamps and display rotation;
+audio, subtitle and data streams are copied packet for packet (data
 streams, which hold e.g. GPS tracks, are dropped with --strip-metadata).
 
 A video that cannot be opened, or whose decoding breaks or ends short of its declared frames,
@@ -24,15 +26,13 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import av
-import cv2
 import numpy as np
 
-from models.detections import CLASSES, Detections
-from operators.anonymize import AnonymizeOptions, anonymize, draw_debug
+from models.detections import CLASSES
+from operators.anonymize import AnonymizeOptions
 from operators.causes import VIDEO_DEFECT
-from operators.orientation import upright
 from operators.storage import filesystem, is_local, join
-from operators.tracking import IoUTracker
+from operators.video_frames import FrameLoop
 from operators.video_io import (
     DEFAULT_CRF,
     MUXERS,
@@ -44,39 +44,6 @@ from operators.video_io import (
     open_source,
     probe,
 )
-
-# display rotation (counterclockwise) -> the EXIF orientation that shows the frame upright
-ROTATION_TO_EXIF = {0: 1, 90: 8, 180: 3, 270: 6}
-
-
-# 360 video is 2:1 from 3840x1920 (most 360 cameras' 4K) up; dashcams are 16:9 or 4:3
-VIDEO_PANORAMA_MIN_WIDTH = 1920
-LOW_FACTOR = 0.6  # with tracking, boxes down to this fraction of the class threshold may continue a track
-
-
-def low_detector(detector, factor: float = LOW_FACTOR):
-    """The job's detector with every threshold times `factor`, sharing its loaded models (None for
-    a detector without a profile, e.g. a test's stand-in)."""
-    from operators.detect import Detector
-
-    if not hasattr(detector, "profile") or factor >= 1:
-        return None
-    profile = detector.profile.model_copy(deep=True)
-    for plan in profile.classes.values():
-        plan.thresholds = [t.model_copy(update={"score": t.score * factor}) for t in plan.thresholds]
-    return Detector([], detector.classes, profile.model_dump(), format=detector.format,
-                    adapters=list(detector.adapters.values()))
-
-
-def confident(detector, dets: Detections, stored_scale: float) -> np.ndarray:
-    """Per box, whether it passes the job's own threshold for its class and size."""
-    keep = np.zeros(len(dets), bool)
-    sizes = np.maximum(dets.boxes[:, 2] - dets.boxes[:, 0], dets.boxes[:, 3] - dets.boxes[:, 1]) * stored_scale
-    for k, name in enumerate(CLASSES):
-        mine = dets.classes == k
-        if mine.any() and name in detector.profile.classes:
-            keep[mine] = dets.scores[mine] >= detector.profile.classes[name].threshold_for(sizes[mine])
-    return keep
 
 
 @dataclass
@@ -161,8 +128,11 @@ def process_video(detector, row: dict, options: VideoOptions) -> dict:
 def _transcode(detector, container, row: dict, options: VideoOptions, result: dict) -> None:
     info = VideoInfo(**result["info"])
     vin = container.streams.video[0]
+    # a QuickTime timecode track is not copied as packets (the muxer refuses them): the muxer
+    # writes its own from the video stream's `timecode` tag
+    timecode = next((s.metadata["timecode"] for s in container.streams if "timecode" in s.metadata), None)
     keep = [s for s in container.streams if s is not vin and s.type in ("audio", "subtitle")
-            or (s.type == "data" and options.strip_metadata == "none")]
+            or (s.type == "data" and options.strip_metadata == "none" and "timecode" not in s.metadata)]
     detect_only = options.anonymize.method == "detect"
     ext = os.path.splitext(str(row["rel_path"]).lower())[1]
     tmp_dir = tempfile.mkdtemp(prefix="veil-video-")
@@ -175,29 +145,24 @@ def _transcode(detector, container, row: dict, options: VideoOptions, result: di
         # one segment of a long video (operators/video_segments.py): [start, end) seconds, cut at keyframes
         span = row.get("segment")
         vout = add_video_output(out, vin, info, options.crf, options.keep_bit_rate, b_frames=not span)
-        if span:
-            container.seek(int(span[0] * av.time_base), backward=True)
+        if timecode and options.strip_metadata == "none":
+            vout.metadata["timecode"] = timecode
         copies = {}
         for s in keep:
             try:
                 copies[s.index] = out.add_stream_from_template(s)
             except Exception:  # a stream this container cannot hold: dropped, the video still goes out
                 continue
-        frames = _FrameLoop(detector, info, options, out, vout, result)
+        frames = FrameLoop(detector, info, options, out, vout, result)
+        t0 = time.perf_counter()
         try:
-            for packet in container.demux(vin, *[s for s in keep if s.index in copies]):
-                if packet.stream.index == vin.index:
-                    for frame in packet.decode():
-                        if _inside(span, frame.time):
-                            frames.push(frame)
-                elif packet.dts is not None and _inside(span, packet.pts and float(packet.pts * packet.time_base)):
-                    packet.stream = copies[packet.stream.index]
-                    out.mux(packet)
+            _feed(container, vin, [s for s in keep if s.index in copies], span, frames, out, copies)
         except av.error.FFmpegError as exc:  # damage: what was decoded so far is still written
             defect = f"decoding stopped after {frames.count} frames: {exc}"
         frames.finish()
-        for packet in vout.encode(None):
-            out.mux(packet)
+        seconds = frames.seconds  # decoding: the rest of the loop (demux, decode, to RGB, stream copy)
+        seconds["decode"] = max(0.0, time.perf_counter() - t0 - sum(seconds.values()))
+        result["stage_ms"] = {k: round(v * 1e3, 1) for k, v in seconds.items()}
     finally:
         out.close()
     try:
@@ -216,83 +181,46 @@ def _transcode(detector, container, row: dict, options: VideoOptions, result: di
         raise VideoDefect(defect)
 
 
+def _feed(container, vin, copied: list, span: tuple[float, float] | None, frames: FrameLoop, out,
+          copies: dict) -> None:
+    """Demux and decode into `frames`, copying the other kept streams' packets to `out`. A
+    segment ([start, end) s) seeks to the keyframe before its start minus the tracker's look-ahead,
+    pushes the last `lookahead` frames before `start` and the first after `end` as context, and
+    stops once every stream is past `end`."""
+    context = frames.lookahead if span else 0
+    if span:
+        lead = (context + 1) / frames.info.fps if context and frames.info.fps else 0.0
+        container.seek(int(max(0.0, span[0] - lead) * av.time_base), backward=True)
+    before: deque = deque(maxlen=context)  # the frames before the span: the last `context` of them
+    after, done = 0, set()
+    for packet in container.demux(vin, *copied):
+        if packet.stream.index == vin.index:
+            for frame in packet.decode():
+                if _inside(span, frame.time):
+                    while before:
+                        frames.push(before.popleft(), context=True)
+                    frames.push(frame)
+                elif frame.time < span[0]:
+                    before.append(frame)
+                else:
+                    done.add(vin.index)
+                    if after < context:
+                        frames.push(frame, context=True)
+                        after += 1
+        elif packet.dts is not None:
+            t = packet.pts and float(packet.pts * packet.time_base)
+            if _inside(span, t):
+                packet.stream = copies[packet.stream.index]
+                out.mux(packet)
+            elif t is not None and t >= span[1]:
+                done.add(packet.stream.index)
+        if span and after >= context and len(done) == 1 + len(copied):
+            break  # every stream is past the segment: the rest of the file is the next segments'
+
+
 def _inside(span: tuple[float, float] | None, t: float | None) -> bool:
     """Whether time `t` (s) belongs to the segment `span` (everything does without one)."""
     return not span or t is None or span[0] - 1e-6 <= t < span[1] - 1e-6
-
-
-class _FrameLoop:
-    """Frames in, anonymized frames out to the encoder, `lookahead` frames later (the tracker
-    fills a gap only once it sees the track again)."""
-
-    def __init__(self, detector, info, options: VideoOptions, out, vout, result: dict):
-        self.detector, self.info, self.options, self.out, self.vout, self.result = (
-            detector, info, options, out, vout, result)
-        self.orientation = ROTATION_TO_EXIF.get(info.rotation, 1)
-        self.panorama = _is_panorama(detector, info, self.orientation)
-        gap = max(options.max_gap, options.detect_every)
-        self.tracker = IoUTracker(max_gap=gap, hold=options.detect_every - 1) if options.tracking else None
-        # with tracking, one detection pass at the lowered thresholds; the job's own thresholds decide
-        # which boxes start a track (ByteTrack's two stages)
-        self.low = low_detector(detector) if options.tracking else None
-        self.lookahead = gap + 2 if options.tracking else 0  # +1 for the gap's far end, +1 for smoothing
-        self.pending: deque = deque()
-        self.count = 0
-        self.last = Detections.empty()  # without tracking, --detect-every N holds the last boxes
-
-    def push(self, frame: av.VideoFrame) -> None:
-        idx = self.count
-        self.count += 1
-        rgb = frame.to_ndarray(format="rgb24")
-        dets, sure = self._detect(rgb) if idx % self.options.detect_every == 0 else (None, None)
-        if self.tracker is not None:
-            self.tracker.update(idx, dets if dets is not None else Detections.empty(), sure)
-        else:
-            self.last = dets if dets is not None else self.last
-        self.pending.append((idx, frame, rgb, dets))
-        while self.pending and self.pending[0][0] <= idx - self.lookahead:
-            self._emit(*self.pending.popleft())
-
-    def finish(self) -> None:
-        while self.pending:
-            self._emit(*self.pending.popleft())
-
-    def _detect(self, rgb: np.ndarray) -> tuple[Detections, np.ndarray | None]:
-        """The frame's boxes in stored pixels, and per box whether it passed the job's threshold."""
-        from operators.detect import to_stored_pixels  # the actor has it loaded already
-
-        h, w = rgb.shape[:2]
-        scale = min(1.0, self.options.det_max_side / max(h, w))
-        small = rgb if scale >= 1 else cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))),
-                                                  interpolation=cv2.INTER_AREA)
-        det = np.ascontiguousarray(upright(small, self.orientation))
-        scale = w / small.shape[1]
-        found = (self.low or self.detector).detect([det], [self.panorama], [scale])[0]
-        sure = confident(self.detector, found, scale) if self.low is not None else None
-        return to_stored_pixels(found, det.shape[1], det.shape[0], w, h, self.orientation), sure
-
-    def _emit(self, idx: int, frame: av.VideoFrame, rgb: np.ndarray, dets: Detections | None) -> None:
-        if self.tracker is not None:
-            boxes, ids = self.tracker.final_boxes(idx)
-            self.tracker.forget(idx - 1)
-        else:
-            boxes = dets if dets is not None else self.last
-            ids = np.full(len(boxes), -1, np.int64)
-        img = rgb
-        anonymised = np.zeros(len(boxes), bool)
-        if len(boxes):
-            done = anonymize(rgb, boxes, self.options.anonymize)
-            img = draw_debug(done.image, boxes) if self.options.debug else done.image
-            anonymised = done.anonymised & (self.options.anonymize.method != "detect")
-        if len(boxes):  # the metadata JSON's per-frame time (operators/video_metadata.py)
-            self.result["times"].append([idx, None if frame.time is None else round(float(frame.time), 4)])
-        for j, b in enumerate(boxes.boxes):
-            self.result["dets"].append([idx, int(ids[j]), int(boxes.classes[j]), round(float(boxes.scores[j]), 4),
-                                        *(round(float(v), 1) for v in b), boxes.models[j], bool(anonymised[j])])
-        out_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
-        out_frame.pts, out_frame.time_base = frame.pts, frame.time_base
-        for packet in self.vout.encode(out_frame):
-            self.out.mux(packet)
 
 
 def upload(tmp: str, url: str, storage_options: dict | None) -> None:
@@ -334,14 +262,3 @@ def manifest_rows(image_row: dict, video_json: str) -> tuple[dict, list[dict]]:
     image_row.update({f"n_{c}": len(tracks[k]) for k, c in enumerate(CLASSES)},
                      anonymized=any(r["is_anonymised"] for r in rows))
     return image_row, rows
-
-
-def _is_panorama(detector, info, orientation: int) -> bool:
-    """Whether the video's frames wrap around at the seam (equirectangular 360 video): the
-    detector's format says so, or with `auto` the upright frame is 2:1 and at least
-    VIDEO_PANORAMA_MIN_WIDTH wide. The detector then handles the seam as for photos."""
-    tiling = getattr(detector, "format", "auto")
-    if tiling != "auto":
-        return tiling == "panorama"
-    w, h = (info.height, info.width) if orientation in (5, 6, 7, 8) else (info.width, info.height)
-    return w == 2 * h and w >= VIDEO_PANORAMA_MIN_WIDTH

@@ -3,8 +3,9 @@
 A segment is [start, end) seconds of the source, both keyframe times, so each segment decodes on
 its own (operators/video.py seeks to `start` and keeps the frames and audio packets inside the
 span) and is encoded without B-frames, so the segments' packets can follow each other in one
-file with their own timestamps (no re-encoding when joining). Tracking does not cross a cut:
-a face missed on the frames next to a cut is not filled in from the other side.
+file with their own timestamps (no re-encoding when joining). Tracking crosses a cut: a segment
+also decodes the tracker's look-ahead of frames before and after its span as context (detected
+and tracked, not written; operators/video_frames.py), so its boxes are a whole run's.
 
 In a job: `split_rows` (after prepare) makes one row per segment; the detection actors run them
 like videos; the write task that hands the last segment of a video to the `SegmentJoiner` joins

@@ -377,6 +377,48 @@ def test_segments_cut_at_keyframes_and_join_to_the_same_frames(tmp_path):
     assert diff < 3, diff
 
 
+class _MissesAt:
+    """Finds one 'face' at a fixed place on every frame of a known clip but the frames in `misses`
+    (frames are told apart by their pixels, so context frames a segment decodes count right)."""
+
+    def __init__(self, frames: list[np.ndarray], misses: set[int]):
+        self.index = {hash(f.tobytes()): k for k, f in enumerate(frames)}
+        self.misses = misses
+
+    def detect(self, images, panoramas=None, scales=None) -> list[Detections]:
+        h, w = images[0].shape[:2]
+        if self.index[hash(images[0].tobytes())] in self.misses:
+            return [Detections.empty()]
+        return [Detections([[w * 0.25, h * 0.25, w * 0.75, h * 0.75]], [0.9], [0])]
+
+
+def test_tracking_crosses_segment_cuts(tmp_path):
+    """A face missed on the 5 frames around a cut (bikes.mp4's keyframe at 3.04 s = frame 76) is
+    filled in by a whole run's tracker; the segments see the frames next to their span as context
+    (detected and tracked, not written), so the segmented run boxes the same frames with the same
+    boxes, and each segment decodes no further than the frames its tracker needs."""
+    from operators.video import VideoOptions, process_video
+    from operators.video_segments import keyframe_times, plan_segments
+
+    src = str(clip_paths()["bikes.mp4"])
+    frames, _ = _frames(Path(src))
+    spans = plan_segments(keyframe_times(src), 10.0, 2.0)
+    assert spans[1][0] == pytest.approx(3.04)  # the first cut: frame 76
+    misses = {74, 75, 76, 77, 78}
+    row = {"source_url": src, "rel_path": "b.mp4", "member": ""}
+    whole = process_video(_MissesAt(frames, misses), row, VideoOptions(job_root=str(tmp_path / "whole")))
+    assert {d[0] for d in whole["dets"]} == set(range(250))  # the gap is filled
+    seg_dets, offset = [], 0
+    for k, span in enumerate(spans):
+        det = _MissesAt(frames, misses)
+        part = process_video(det, row | {"segment": span}, VideoOptions(job_root=str(tmp_path / f"s{k}")))
+        assert part["status"] == "done", part
+        seg_dets += [[d[0] + offset, *d[2:]] for d in part["dets"]]
+        offset += part["frames"]
+    assert offset == 250
+    assert seg_dets == [[d[0], *d[2:]] for d in whole["dets"]]  # frame, class, score, box, model, anonymised
+
+
 @pytest.mark.parametrize("rotation", [90, 270])
 def test_rotated_video_is_detected_upright_and_boxes_land_on_stored_pixels(tmp_path, rotation):
     """A phone stores portrait video turned, with a display rotation: the detector sees the frames
