@@ -226,9 +226,18 @@ def cancel_on_sigterm():
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from jobs.bench import format_bench, run_bench
+    from operators.items import kind_of
 
     fields = {c: True for c in (args.classes or "").replace("-", "_").split(",") if c}
     fields.update({k: v for k in BENCH_JOB_OPTIONS if (v := getattr(args, k)) is not None})
+    if Path(args.images_dir).is_file() and kind_of(args.images_dir) == "video":
+        from jobs.bench_video import format_video_bench, run_video_bench
+
+        result = run_video_bench(args.images_dir, fields, args.json, peer=not args.no_peer)
+        print(format_video_bench(result))
+        if args.json:
+            print(f"written: {args.json}")
+        return 0
     result = run_bench(args.images_dir, fields, args.json, peer=not args.no_peer, repeat=args.repeat,
                        pass_through_dir=args.pass_through, labels=args.labels)
     print(format_bench(result))
@@ -254,7 +263,7 @@ def add_run_commands(sub) -> None:
     run.set_defaults(func=cmd_run)
 
     bench = sub.add_parser("bench", help="throughput: pipeline vs bare loop vs codec floor vs deface, one run")
-    bench.add_argument("images_dir", help="a folder of images")
+    bench.add_argument("images_dir", help="a folder of images, or one video file (frames/s and time per stage)")
     _opt(bench, "--classes", help="comma-separated classes, e.g. face or face,license-plate,person,vehicle "
                                   "(default: the job default)")
     bench.add_argument("--json", help="write the results to this file")
