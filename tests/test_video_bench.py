@@ -107,7 +107,7 @@ def test_video_speed_against_deface(tmp_path):
 def test_two_minute_clip_in_segments_gives_the_frames_of_a_whole_run(tmp_path):
     """A 2-minute clip (bikes.mp4's 250 frames 12 times, a keyframe every 2 s) anonymized whole and
     as 20 s segments joined by stream copy, with CenterFace: the same frame count and timestamps,
-    the same boxes (tracking off: it does not cross a cut), pixels equal but for encoding noise
+    the same boxes (tracking on: it crosses the cuts), pixels equal but for encoding noise
     (mean absolute difference per pixel and channel, 0..255)."""
     import numpy as np
 
@@ -128,16 +128,16 @@ def test_two_minute_clip_in_segments_gives_the_frames_of_a_whole_run(tmp_path):
     detector = _detector(0.5)
     row = {"source_url": str(src), "rel_path": "long.mp4", "member": ""}
     t = time.perf_counter()
-    whole = process_video(detector, row, VideoOptions(job_root=str(tmp_path / "whole"), tracking=False))
+    whole = process_video(detector, row, VideoOptions(job_root=str(tmp_path / "whole")))
     whole_s = time.perf_counter() - t
-    parts, boxes = [], 0
+    parts, boxes, offset = [], [], 0
     t = time.perf_counter()
     for k, span in enumerate(spans):
-        part = process_video(detector, {**row, "segment": span},
-                             VideoOptions(job_root=str(tmp_path / f"seg{k}"), tracking=False))
+        part = process_video(detector, {**row, "segment": span}, VideoOptions(job_root=str(tmp_path / f"seg{k}")))
         assert part["status"] == "done", part
         parts.append(part["output_url"])
-        boxes += len(part["dets"])
+        boxes += [[d[0] + offset, *d[2:]] for d in part["dets"]]  # track ids restart in each segment
+        offset += part["frames"]
     join_segments(parts, str(tmp_path / "joined.mp4"))
     segments_s = time.perf_counter() - t
 
@@ -148,9 +148,10 @@ def test_two_minute_clip_in_segments_gives_the_frames_of_a_whole_run(tmp_path):
             x, y = fa.to_ndarray(format="rgb24").astype(int), fb.to_ndarray(format="rgb24").astype(int)
             frame_diff = float(np.abs(x - y).mean())
             diff, total = max(diff, frame_diff), total + frame_diff
-    print(json.dumps({"frames": n, "segments": len(spans), "boxes": [len(whole["dets"]), boxes],
+    print(json.dumps({"frames": n, "segments": len(spans), "boxes": [len(whole["dets"]), len(boxes)],
                       "mean_abs_diff": round(total / max(n, 1), 2), "worst_frame": round(diff, 2),
                       "whole_fps": round(n / whole_s, 1), "segments_one_by_one_fps": round(n / segments_s, 1)}))
     assert n == whole["frames"] == 3000 and same_pts and len(spans) >= 5
     # the segments are encoded without B-frames: their noise differs, never the picture
-    assert boxes == len(whole["dets"]) and total / n < 3 and diff < 6
+    # tracking on: the segments track the frames next to their cuts, so their boxes are the whole run's
+    assert boxes == [[d[0], *d[2:]] for d in whole["dets"]] and total / n < 3 and diff < 6
