@@ -12,7 +12,7 @@ import av
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from video_media import clip_paths
+from video_media import clip_paths, decodes_cleanly
 
 from jobs.run import run_job
 from jobs.spec import build_spec
@@ -217,6 +217,7 @@ def test_output_keeps_frames_timestamps_and_audio(video_job):
         _, pts_in = _frames(src / name)
         _, pts_out = _frames(job / "images" / name)
         assert pts_in == pts_out  # every frame, at its own timestamp: decodes cleanly to the end
+        assert decodes_cleanly(job / "images" / name) == b"", name  # FFmpeg: not a word on stderr
     with av.open(str(src / "audio.mp4")) as a, av.open(str(job / "images/audio.mp4")) as b:
         packets_in = [bytes(p) for p in a.demux(audio=0) if p.size]
         packets_out = [bytes(p) for p in b.demux(audio=0) if p.size]

