@@ -15,14 +15,14 @@ approved by itself.
 Where the images are processed, and why not `jobs.run.run_job` on a local Ray: a service replica
 already holds the models and a bounded pool of `workers` threads that every request shares; a Ray
 session per replica would load the models a second time, compete with it for the same cores, and
-run one job at a time (`ray_session` shuts Ray down when its job ends). So a job here runs the Ray
-pipeline's own stage functions (prepare_batch -> Detector -> write_batch, `ImageProcessor.run_batch`)
-on batches of 4 items, on the same pool at asynchronous priority, with at most `workers` batches in
-flight: synchronous callers still go first, and memory holds a few batches whatever the archive.
-Archives are walked lazily (`operators.archives.expand_rows`, a generator: zip members are read by
-ranged reads when their batch is prepared, members of solid blocks one at a time as the walk reaches
-them), for the quote and for the run alike. What comes out is a veil job (manifest, job.json,
-outputs); its totals and credits come from the manifest (`jobs.run.finish`), as for `veil run`.
+run one job at a time (`ray_session` shuts Ray down when its job ends). So a job here goes through
+`jobs.run.execute`, the path `veil run` takes (resume -> process -> finish), with the in-process
+executor (`jobs.api.processor.InProcessExecutor`: the Ray pipeline's own stage functions on batches of
+4 items, on the same pool at asynchronous priority, at most `workers` batches in flight) in place of
+the Ray one. Archives are walked lazily (`operators.archives.expand_rows`, a generator: zip members
+are read by ranged reads when their batch is prepared, members of solid blocks one at a time as the
+walk reaches them), for the quote and for the run alike. What comes out is a veil job (manifest,
+job.json, outputs); its totals and credits come from the manifest (`jobs.run.finish`), as for `veil run`.
 With `ray_address` (`veil serve --ray-address`) none of this runs here: an approved job is submitted
 to that Ray cluster as a `veil run` (ray_jobs.py), and settled when any replica sees it end.
 """
@@ -34,23 +34,20 @@ import logging
 import secrets
 import threading
 import time
-from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FuturesTimeout
 from typing import TYPE_CHECKING
 
 from jobs.api.auth import ApiKey
 from jobs.api.credits import InsufficientCredits
-from jobs.api.pool import BACKGROUND
+from jobs.api.processor import QUOTE_BYTES, InProcessExecutor, chunks
 from jobs.api.ray_jobs import RayJobs
 from jobs.api.tasks import TASK_ID
 from jobs.job_store import JobBusy, JobNotFound, delete_job, syntonym_report
-from jobs.pipeline import PREPARE_BATCH
 from jobs.pricing import load_pricing
 from jobs.quote import quote_items
 from jobs.report import JobReport, Totals, iso, now_iso, try_load_report
-from jobs.run import finish
+from jobs.run import execute
 from jobs.spec import JobSpec, build_spec
 from jobs.stage_options import archive_options, write_options
 from jobs.webhook import post_report
@@ -66,7 +63,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("veil.serve")
 
 ENDED = ("done", "failed", "cancelled")
-QUOTE_ROWS, QUOTE_BYTES = 64, 64 * 2**20  # a quote holds this many listed rows at most (solid members carry bytes)
+QUOTE_ROWS = 64  # a quote holds this many listed rows at most (and QUOTE_BYTES: solid members carry bytes)
 
 
 class ServiceJobs:
@@ -262,30 +259,21 @@ class ServiceJobs:
         if doc["status"] != "queued":
             return
         report = self.report(doc)
-        run, started, started_at = Totals(), time.monotonic(), now_iso()
-        processor, pool, in_flight = self.service.processor, self.service.pool, deque()
+        run, started_at = Totals(), now_iso()
         try:
             spec = self.spec(doc)
             root = doc["outputs"]["root"]
             resume = resume_state(root, False, self.storage_options)  # a resumed job keeps what it finished
-            options = write_options(spec, root, job_id=job_id, storage_options=self.storage_options)
-            billing = Billing(self.pricing, spec.resolve_models()[0])
+            executor = InProcessExecutor(
+                self.service.processor, self.service.pool, self.service.config.workers, self.rows,
+                write_options(spec, root, job_id=job_id, storage_options=self.storage_options),
+                Billing(self.pricing, spec.resolve_models()[0]), self._stopping)
             expected = int((doc.get("quote") or {}).get("items", 0)) - len(resume.finished)
             report.set("processing", f"0 of {expected} items", started_at=doc.get("started_at") or started_at)
-            todo = (r for r in self.rows(spec) if r["item_id"] not in resume.finished)
-            for batch in chunks(todo, PREPARE_BATCH, QUOTE_BYTES):
-                if self._stopping.is_set():
-                    raise CancelledError
-                in_flight.append(pool.submit(BACKGROUND, processor.run_batch, spec, batch, options, billing))
-                while len(in_flight) >= self.service.config.workers:
-                    run.add(self._result(in_flight.popleft()))
-                    report.progress(run, expected, started)
-            while in_flight:
-                run.add(self._result(in_flight.popleft()))
-            finish(report, spec, self.pricing, run, time.monotonic() - started, started_at)
+            started = time.monotonic()
+            execute(spec, report, self.pricing, executor, resume, run, started_at,
+                    on_batch=lambda totals: report.progress(totals, expected, started))
         except BaseException as exc:  # whatever stops it, the job's status says so
-            for future in in_flight:
-                future.cancel()
             stopped = isinstance(exc, CancelledError) or self._stopping.is_set()
             if not stopped:
                 log.exception("job %s failed", job_id)
@@ -297,16 +285,6 @@ class ServiceJobs:
             # the charge replaces the reservation: the credits of the items that ended done, once
             self.service.accounts.charge(doc["service"]["account"], job_id, report.doc["credits"]["total"])
         self.notify(job_id)
-
-    def _result(self, future: Future) -> dict:
-        """A batch's stats; CancelledError when the server stops before the batch started (the pool
-        then never runs it, so waiting on it would hold the process open)."""
-        while True:
-            try:
-                return future.result(timeout=1.0)
-            except FuturesTimeout:
-                if self._stopping.is_set():
-                    future.cancel()
 
     # --- results ---
     def result(self, doc: dict, base: str) -> dict:
@@ -373,19 +351,6 @@ class ServiceJobs:
                 fs.rm(path, recursive=True)
             self.service.accounts.release(doc["service"]["account"], job_id)
         return {**deleted, "service": doc["service"]}  # a Ray job's job.json has no service part of its own
-
-
-def chunks(rows: Iterable[dict], max_rows: int, max_bytes: int) -> Iterator[list[dict]]:
-    """Lists of at most `max_rows` rows, cut early once the bytes the rows carry pass `max_bytes`."""
-    chunk, size = [], 0
-    for row in rows:
-        chunk.append(row)
-        size += len(row.get("data") or b"")
-        if len(chunk) >= max_rows or size >= max_bytes:
-            yield chunk
-            chunk, size = [], 0
-    if chunk:
-        yield chunk
 
 
 __all__ = ["JobBusy", "JobNotFound", "ServiceJobs", "chunks"]
