@@ -36,11 +36,13 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING
 
-from jobs.api.auth import ApiKey
-from jobs.api.credits import InsufficientCredits
-from jobs.api.processor import QUOTE_BYTES, InProcessExecutor, chunks
+from jobs.api.auth import ApiKey, Auth
+from jobs.api.config import ServiceConfig
+from jobs.api.credits import Accounts, InsufficientCredits
+from jobs.api.links import Links
+from jobs.api.pool import PriorityPool
+from jobs.api.processor import QUOTE_BYTES, ImageProcessor, InProcessExecutor, chunks
 from jobs.api.ray_jobs import RayJobs
 from jobs.api.tasks import TASK_ID
 from jobs.job_store import JobBusy, JobNotFound, delete_job, syntonym_report
@@ -57,9 +59,6 @@ from operators.resume import resume_state
 from operators.sources import list_sources
 from operators.storage import filesystem, join, read_bytes, write_atomic
 
-if TYPE_CHECKING:
-    from jobs.api.service import Service
-
 log = logging.getLogger("veil.serve")
 
 ENDED = ("done", "failed", "cancelled")
@@ -67,9 +66,10 @@ QUOTE_ROWS = 64  # a quote holds this many listed rows at most (and QUOTE_BYTES:
 
 
 class ServiceJobs:
-    def __init__(self, service: Service):
-        self.service = service
-        config = service.config
+    def __init__(self, config: ServiceConfig, auth: Auth, accounts: Accounts, processor: ImageProcessor,
+                 pool: PriorityPool, hooks: ThreadPoolExecutor, links: Links):
+        self.config, self.auth, self.accounts, self.links = config, auth, accounts, links
+        self.processor, self.pool, self.hooks = processor, pool, hooks  # the service's: shared with image tasks
         self.output = join(config.storage, "jobs")
         self.uploads = join(config.storage, "uploads")
         self.storage_options = config.storage_options
@@ -80,7 +80,7 @@ class ServiceJobs:
         self._locks = [threading.Lock() for _ in range(64)]  # striped: one state change per job at a time
         self._stopping = threading.Event()
         self._queued: dict[str, Future] = {}  # jobs this replica queued and has not finished
-        self.ray = RayJobs(self, config.ray_address) if config.ray_address else None  # where approved jobs run
+        self.ray = RayJobs(self, config, accounts, hooks) if config.ray_address else None  # where approved jobs run
 
     def close(self) -> None:
         """Running jobs end `cancelled` at their next batch; queued ones are marked so now: either
@@ -150,7 +150,7 @@ class ServiceJobs:
     def key_of(self, doc: dict) -> ApiKey | None:
         """The API key entry the job is billed to (None once it left the users file)."""
         account = doc["service"]["account"]
-        return next((k for k in self.service.auth.api_keys.values() if k.account == account), None)
+        return next((k for k in self.auth.api_keys.values() if k.account == account), None)
 
     # --- uploads in, quote, approval ---
     def refresh(self, doc: dict) -> dict:
@@ -178,7 +178,7 @@ class ServiceJobs:
                 report.set("awaiting_approval", waiting)
                 return report.doc
             try:
-                self.service.accounts.reserve(key.account, key.credits, job_id, quote["credits"])
+                self.accounts.reserve(key.account, key.credits, job_id, quote["credits"])
             except InsufficientCredits as exc:
                 report.set("awaiting_approval", f"{waiting}; {exc}")
                 return report.doc
@@ -235,7 +235,7 @@ class ServiceJobs:
             key = self.key_of(doc)
             if key is None:
                 raise InsufficientCredits("the API key this job is billed to is no longer valid")
-            self.service.accounts.reserve(key.account, key.credits, job_id, doc["quote"]["credits"])
+            self.accounts.reserve(key.account, key.credits, job_id, doc["quote"]["credits"])
             report.doc.update(approved_at=now_iso(), approved_by="api_key")
             self._queue(report, f"approved: {doc['quote']['credits']:g} credits reserved")
             return "approved", report.doc
@@ -265,7 +265,7 @@ class ServiceJobs:
             root = doc["outputs"]["root"]
             resume = resume_state(root, False, self.storage_options)  # a resumed job keeps what it finished
             executor = InProcessExecutor(
-                self.service.processor, self.service.pool, self.service.config.workers, self.rows,
+                self.processor, self.pool, self.config.workers, self.rows,
                 write_options(spec, root, job_id=job_id, storage_options=self.storage_options),
                 Billing(self.pricing, spec.resolve_models()[0]), self._stopping)
             expected = int((doc.get("quote") or {}).get("items", 0)) - len(resume.finished)
@@ -283,7 +283,7 @@ class ServiceJobs:
                        finished_at=now_iso())
         else:
             # the charge replaces the reservation: the credits of the items that ended done, once
-            self.service.accounts.charge(doc["service"]["account"], job_id, report.doc["credits"]["total"])
+            self.accounts.charge(doc["service"]["account"], job_id, report.doc["credits"]["total"])
         self.notify(job_id)
 
     # --- results ---
@@ -291,13 +291,13 @@ class ServiceJobs:
         """Syntonym's JobReport (jobs.job_store.syntonym_report), with expiring download links in
         place of storage locations, which stay inside the service."""
         out = syntonym_report(doc, self.storage_options)
-        expires = int(time.time()) + self.service.config.link_ttl_s
+        expires = int(time.time()) + self.config.link_ttl_s
         for task in out["tasks"]:
             task["source"] = task["file_name"]
             done = task["task_status"] == "done" and task["output_location"]
             relative = f"jobs/{doc['job_id']}/images/{task['file_name']}"
             task["output_location"] = task["download_url"] = (
-                self.service.link(base, f"/syntonym/download/{relative}", relative, "GET", expires) if done else None)
+                self.links.link(base, f"/syntonym/download/{relative}", relative, "GET", expires) if done else None)
         quote = doc.get("quote") or {}
         out.update(job_quoted_credit_cost=quote.get("credits"), files=doc["service"]["files"],
                    created_at=doc.get("created_at"), finished_at=doc.get("finished_at"),
@@ -314,7 +314,7 @@ class ServiceJobs:
                      self.storage_options)
         ended = self.load(job_id)["status"] in ENDED
         if ended and (self.ray is None or self.ray.settled(job_id)):  # else whoever settles it calls back
-            self.service.hooks.submit(self.notify, job_id)
+            self.hooks.submit(self.notify, job_id)
         return {"job_id": job_id, "callback_url": url, "registered": True}
 
     def notify(self, job_id: str) -> None:
@@ -328,7 +328,7 @@ class ServiceJobs:
             return
         if doc["status"] not in ENDED:
             return
-        base = self.service.config.public_url or doc["service"]["base_url"]
+        base = self.config.public_url or doc["service"]["base_url"]
         outcome = post_report(callback["url"], self.result(doc, base))
         log.info("job %s callback %s after %s attempt(s)", job_id, outcome["status"], outcome["attempts"])
         callback["outcome"] = {**outcome, "event": doc["status"]}
@@ -349,7 +349,7 @@ class ServiceJobs:
             fs, path = filesystem(join(self.uploads, job_id), self.storage_options)
             if fs.exists(path):
                 fs.rm(path, recursive=True)
-            self.service.accounts.release(doc["service"]["account"], job_id)
+            self.accounts.release(doc["service"]["account"], job_id)
         return {**deleted, "service": doc["service"]}  # a Ray job's job.json has no service part of its own
 
 
