@@ -42,6 +42,7 @@ from operators.manifest import read_table
 from operators.plan import Plan, PlanTodo, iter_plan, plan_todo, shard_items, wave_items, write_plan
 from operators.repack import members_by_archive
 from operators.resume import ResumeState, drop_duplicates, latest_rows, resume_state
+from operators.rows import FailureCause
 from operators.sources import check_output_outside_inputs
 from operators.storage import is_no_space, join
 
@@ -304,7 +305,7 @@ def finish(report: JobReport, spec: JobSpec, pricing: Pricing, run: Totals, wall
     )
     report.doc["runs"].append({"started_at": started_at, "finished_at": now_iso(), "items": run.items,
                                "wall_s": round(wall, 3)})
-    over = totals.by_cause.get("BUDGET_EXCEEDED", 0)
+    over = totals.by_cause.get(FailureCause.BUDGET_EXCEEDED, 0)
     description = (f"{over} items not processed: the --max-credits cap of {spec.max_credits:g} was reached "
                    f"(resume with a higher cap to process them)") if over else ""
     report.set("done", description, finished_at=now_iso())

@@ -23,6 +23,7 @@ import py7zr.io
 import rarfile
 
 from operators.archive_tools import RAR_TOOL_HINT
+from operators.rows import FailureCause
 
 CHUNK = 1 << 20
 AES_METHOD = 99  # WinZip AES: the "compression method" of an AES-encrypted zip member
@@ -32,9 +33,13 @@ TOOL_TIMEOUT_S = 120  # one RAR member through unar; a killed tool makes the mem
 class TooLarge(Exception):
     """A member produced more bytes than allowed (a lying header or a bomb)."""
 
+    cause = FailureCause.TOO_LARGE  # what operators.rows.failure_cause makes of it
+
 
 class Encrypted(Exception):
     """The archive or member needs a password we do not have (or the one given is wrong)."""
+
+    cause = FailureCause.ENCRYPTED
 
 
 @dataclass

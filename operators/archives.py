@@ -42,8 +42,8 @@ from operators.archive_formats import (
     rar_volume_number,
 )
 from operators.archive_zipscan import ScannedZip
-from operators.causes import OUTPUT_PATH_ERROR
 from operators.items import UnsafePath, item_id, kind_of, safe_rel_path
+from operators.rows import VERDICT_DEFAULTS, FailureCause, Status, failure_cause
 from operators.storage import filesystem, is_local
 
 NEST = "!/"  # separates the members of nested archives in `member`: "inner.zip!/cam/1.jpg"
@@ -53,7 +53,6 @@ DEFAULT_MAX_ARCHIVE_BYTES = 1024 * GiB
 DEFAULT_MAX_COMPRESSION_RATIO = 100.0  # JPEG ~1, PNG/BMP street scenes < 10; deflate bombs ~1000
 RATIO_FLOOR = 1 << 20  # members smaller than this are too small to be bombs: ratio not checked
 READ_BLOCK = 64 * 1024  # fsspec readahead for header reads (zipfile reads a whole central directory at once)
-ROW_DEFAULTS = {"status": "", "failure_cause": "", "error": "", "data": b""}
 
 
 @dataclass(frozen=True)
@@ -69,7 +68,7 @@ class ArchiveOptions:
 def normalize_row(row: dict) -> dict:
     """The row with the status/failure/data keys every stage after listing relies on."""
     out = dict(row)
-    for key, value in ROW_DEFAULTS.items():
+    for key, value in VERDICT_DEFAULTS.items():
         if out.get(key) is None:
             out[key] = value
     return out
@@ -78,10 +77,10 @@ def normalize_row(row: dict) -> dict:
 def expand_rows(row: dict, options: ArchiveOptions) -> Iterator[dict]:
     """The flat_map function: a non-archive row passes through; an archive becomes its members."""
     row = normalize_row(row)
-    if row["kind"] != "archive" or row["status"]:
+    if row["kind"] != "archive" or row["status"] != Status.UNDECIDED:
         yield row
     elif options.depth < 1:
-        yield _verdict(row, "skipped", "", "archive not expanded (--archive-depth 0)")
+        yield _verdict(row, Status.SKIPPED, "", "archive not expanded (--archive-depth 0)")
     else:
         yield from iter_archive(row, options)
 
@@ -95,18 +94,12 @@ def iter_archive(row: dict, options: ArchiveOptions) -> Iterator[dict]:
     """Item rows for the members of one archive, then failure rows for what could not be listed."""
     url = row["source_url"]
     if rar_volume_number(url) > 1:
-        yield _verdict(row, "skipped", "", "continuation volume of a multi-volume RAR (read with part1)")
+        yield _verdict(row, Status.SKIPPED, "", "continuation volume of a multi-volume RAR (read with part1)")
         return
     try:
         opened = _Opened(url, options, spill_solid=True)
-    except Encrypted as exc:
-        yield _verdict(row, "failed", "ENCRYPTED", str(exc))
-        return
-    except TooLarge as exc:
-        yield _verdict(row, "failed", "TOO_LARGE", str(exc))
-        return
-    except Exception as exc:  # not an archive, truncated, unknown format: the archive fails alone
-        yield _verdict(row, "failed", "ARCHIVE_ERROR", f"cannot open archive: {_describe(exc)}")
+    except Exception as exc:  # not an archive, truncated, unknown format, encrypted...: the archive fails alone
+        yield _failure(row, exc, "cannot open archive: ")
         return
     try:
         yield from _walk(opened.handle, row, "", row["rel_path"], 1, opened.spilled, options)
@@ -121,11 +114,11 @@ def _walk(
         members = handle.members()
     except Exception as exc:
         yield _verdict(
-            _member_row(base, chain, rel_root, 0), "failed", "ARCHIVE_ERROR", f"cannot list members: {_describe(exc)}"
-        )
+            _member_row(base, chain, rel_root, 0), Status.FAILED, FailureCause.ARCHIVE_ERROR,
+            f"cannot list members: {_describe(exc)}")
         return
     if not any(not m.is_dir for m in members) and not getattr(handle, "stopped", ""):  # an empty archive's row
-        yield _verdict(base, "skipped", "", "empty archive (no members)")
+        yield _verdict(base, Status.SKIPPED, "", "empty archive (no members)")
         return
     total, taken, seen = 0, set(), {}
     images = _image_paths(members)
@@ -142,34 +135,36 @@ def _walk(
             if NEST in m.name:
                 raise UnsafePath(f"{NEST!r} in name {m.name!r} (reserved for nested archives)")
         except UnsafePath as exc:
-            yield _verdict(row, "failed", "UNSAFE_PATH", str(exc))
+            yield _verdict(row, Status.FAILED, FailureCause.UNSAFE_PATH, str(exc))
             continue
         row.update(rel_path=f"{rel_root}/{rel}", kind=kind_of(rel))
         if m.is_symlink:
-            yield _verdict(row, "failed", "UNSAFE_PATH", f"{m.name!r} is a symbolic link")
+            yield _verdict(row, Status.FAILED, FailureCause.UNSAFE_PATH, f"{m.name!r} is a symbolic link")
             continue
         if row["rel_path"] in taken:
-            yield _verdict(row, "failed", OUTPUT_PATH_ERROR, f"{m.name!r} repeats an earlier member's path")
+            yield _verdict(row, Status.FAILED, FailureCause.OUTPUT_PATH_ERROR,
+                           f"{m.name!r} repeats an earlier member's path")
             continue
         parent = next((p for p in _parents(rel) if p in images), "")
         if parent:  # members "x.jpg" and "x.jpg/y.jpg": one path cannot be a file and a folder
-            yield _verdict(row, "failed", OUTPUT_PATH_ERROR, f"{m.name!r} needs a folder where the image "
-                           f"{parent!r} is written")
+            yield _verdict(row, Status.FAILED, FailureCause.OUTPUT_PATH_ERROR,
+                           f"{m.name!r} needs a folder where the image {parent!r} is written")
             continue
         taken.add(row["rel_path"])
         over = _over_limit(m, total if row["kind"] != "other" else 0, options)
         if over:  # before the kind check: a 4 GiB "readme" is worth reporting as what it is
-            yield _verdict(row, "failed", "TOO_LARGE", over)
+            yield _verdict(row, Status.FAILED, FailureCause.TOO_LARGE, over)
             continue
         if row["kind"] == "other":
-            yield _verdict(row, "skipped", "", "not an image")
+            yield _verdict(row, Status.SKIPPED, "", "not an image")
             continue
         if m.encrypted and not options.password:
-            yield _verdict(row, "failed", "ENCRYPTED", f"{m.name!r} is encrypted (give --archive-password)")
+            yield _verdict(row, Status.FAILED, FailureCause.ENCRYPTED,
+                           f"{m.name!r} is encrypted (give --archive-password)")
             continue
         total += m.size  # only what is read counts towards --max-archive-bytes
         if row["kind"] == "archive" and level >= options.depth:
-            yield _verdict(row, "skipped", "", f"nested archive beyond --archive-depth {options.depth}")
+            yield _verdict(row, Status.SKIPPED, "", f"nested archive beyond --archive-depth {options.depth}")
         elif row["kind"] == "archive":
             yield from _nested(handle, m, row, level, options)
         elif inline_all or m.block >= 0 or m.encrypted:
@@ -183,12 +178,12 @@ def _walk(
             if row is not None:
                 yield row | {"data": got} if isinstance(got, bytes) else _failure(row, got)
         for row in rows.values():  # the block ended early (a corrupt or truncated archive)
-            yield _verdict(row, "failed", "ARCHIVE_ERROR", "member missing from its block")
+            yield _verdict(row, Status.FAILED, FailureCause.ARCHIVE_ERROR, "member missing from its block")
     stopped = getattr(handle, "stopped", "")
     if stopped:  # RAR: a bad header cut the listing short; what came before it is listed above
         yield _verdict(
-            _member_row(base, chain, rel_root, 0), "failed", "ARCHIVE_ERROR", f"listing stopped early: {stopped}"
-        )
+            _member_row(base, chain, rel_root, 0), Status.FAILED, FailureCause.ARCHIVE_ERROR,
+            f"listing stopped early: {stopped}")
 
 
 def _image_paths(members: list[Member]) -> set[str]:
@@ -384,7 +379,7 @@ def _member_row(base: dict, member: str, rel_path: str, size: int) -> dict:
         "rel_path": rel_path,
         "size": int(size),
         "kind": base["kind"],
-        **ROW_DEFAULTS,
+        **VERDICT_DEFAULTS,
     }
 
 
@@ -392,12 +387,12 @@ def _verdict(row: dict, status: str, cause: str, error: str) -> dict:
     return row | {"status": status, "failure_cause": cause, "error": error, "data": b""}
 
 
-def _failure(row: dict, exc: BaseException) -> dict:
-    if isinstance(exc, TooLarge):
-        return _verdict(row, "failed", "TOO_LARGE", str(exc))
-    if isinstance(exc, Encrypted):
-        return _verdict(row, "failed", "ENCRYPTED", str(exc))
-    return _verdict(row, "failed", "ARCHIVE_ERROR", _describe(exc))
+def _failure(row: dict, exc: BaseException, what: str = "") -> dict:
+    """The failed row of a member (or archive) that raised `exc`: its cause (operators.rows), ARCHIVE_ERROR
+    unless the exception says otherwise."""
+    cause = failure_cause(exc, FailureCause.ARCHIVE_ERROR)
+    named = isinstance(exc, TooLarge | Encrypted)  # their message says it all
+    return _verdict(row, Status.FAILED, cause, str(exc) if named else what + _describe(exc))
 
 
 def _describe(exc: BaseException) -> str:

@@ -23,9 +23,9 @@ from PIL import Image
 
 from jobs.run import run_job
 from jobs.spec import build_spec
-from operators.causes import CAUSES
 from operators.detect import Detector
 from operators.prepare import DEFAULT_MAX_PIXELS, prepare_item
+from operators.rows import CAUSES
 from operators.sources import list_sources, refuse_collisions
 
 

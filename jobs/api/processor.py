@@ -34,6 +34,7 @@ from operators.budget import Billing
 from operators.detect import Detector
 from operators.prepare import prepare_batch, prepare_item
 from operators.resume import ResumeState
+from operators.rows import Status
 from operators.storage import join
 from operators.video import process_videos
 from operators.write import WriteOptions, write_batch, write_item
@@ -88,10 +89,10 @@ class ImageProcessor:
         """Read the original from the storage, detect, and write the outputs into `task_root`
         (images/, masks/, metadata/ as in a job's folder)."""
         row = {"item_id": os.path.basename(task_root), "source_url": original_url, "member": "", "rel_path": rel_path,
-               "kind": "image", "status": "", "failure_cause": "", "error": ""}
+               "kind": "image", "status": Status.UNDECIDED, "failure_cause": "", "error": ""}
         item = {**row, **prepare_item(row, spec.storage_options, spec.det_max_side,
                                       min(spec.max_pixels, self.max_pixels))}
-        if item["status"] == "pending":
+        if item["status"] == Status.PENDING:
             detected = self.detector(spec)(rows_batch([item]))
             item["detections"] = str(detected["detections"][0])
         # metadata/ names the upload, not where the server keeps it

@@ -34,6 +34,7 @@ from jobs.api.params import ParamError
 from jobs.api.tasks import TaskNotFound, TaskStore
 from jobs.report import now_iso
 from jobs.spec import JobSpec
+from operators.rows import FailureCause
 from operators.storage import LOCAL_PROTOCOLS, filesystem
 
 log = logging.getLogger("veil.serve")
@@ -160,7 +161,7 @@ class Recovery:
             return False
         except ParamError as exc:  # its parameters are no longer taken here
             tasks.release_slot()
-            tasks.fail(doc, "PARAMETER_ERROR_FORMAT", str(exc))
+            tasks.fail(doc, FailureCause.PARAMETER_ERROR_FORMAT, str(exc))
             return False
         doc["requeued"] = int(doc.get("requeued") or 0) + 1  # the caller can see it was taken up again
         log.info("task %s: %s since %s, re-queued", doc["id"], doc["task_status"], doc["updated"])

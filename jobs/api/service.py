@@ -45,6 +45,7 @@ from jobs.spec import JobSpec
 from jobs.webhook import post_report
 from operators.codecs import encode
 from operators.items import UnsafePath, safe_rel_path, sniff_format
+from operators.rows import FailureCause
 from operators.storage import filesystem, join, read_bytes
 
 log = logging.getLogger("veil.serve")
@@ -163,7 +164,7 @@ class Service:
             fs.invalidate_cache(path.rsplit("/", 1)[0])  # a presigned PUT went around this process's listing cache
             if not fs.exists(path):
                 if time.time() > doc["upload_expires"]:
-                    return self.fail(doc, "TASK_FILE_DOESNT_EXIST",
+                    return self.fail(doc, FailureCause.TASK_FILE_DOESNT_EXIST,
                                      "nothing was uploaded before upload_expires_at")
                 return doc
             info = fs.info(path)
@@ -171,7 +172,7 @@ class Service:
             declared = declared.split(";")[0].strip().lower()
             if int(info["size"]) > self.config.max_upload_bytes:
                 fs.rm(path)
-                return self.fail(doc, "TOO_LARGE", f"the upload is {info['size']} bytes, over the "
+                return self.fail(doc, FailureCause.TOO_LARGE, f"the upload is {info['size']} bytes, over the "
                                                    f"{self.config.max_upload_bytes} byte limit")
             found = sniff_format(fs.cat_file(path, start=0, end=16))
             # an image type declared must be the one found; other types (curl's form default, S3's
@@ -179,7 +180,7 @@ class Service:
             claimed = declared.startswith("image/")
             if found not in FILE_NAMES or (claimed and CONTENT_TYPES.get(declared) != found):
                 fs.rm(path)  # refused: nothing of it is kept
-                return self.fail(doc, "CONTENT_TYPE_ERROR",
+                return self.fail(doc, FailureCause.CONTENT_TYPE_ERROR,
                                  f"the upload holds {found or 'no supported image'}"
                                  + (f", declared {declared}" if claimed else "") + "; JPEG or PNG expected")
             if not self.take_slot():
@@ -190,7 +191,7 @@ class Service:
                 spec = self.task_spec(doc)
             except ParamError as exc:
                 self.release_slot()
-                return self.fail(doc, "PARAMETER_ERROR_FORMAT", str(exc))
+                return self.fail(doc, FailureCause.PARAMETER_ERROR_FORMAT, str(exc))
             fs.mv(path, filesystem(self.store.url(doc["id"], f"original/{file}"), self.config.storage_options)[1])
             self.queue(doc, spec)
             return doc
@@ -288,7 +289,7 @@ class Service:
             self._record(doc, spec, result)
         except Exception as exc:  # a model or storage failure fails the task, not the server
             log.exception("task %s failed", doc["id"])
-            doc.update(task_status="failed", failure_cause="INTERNAL_ERROR", error=f"{type(exc).__name__}")
+            doc.update(task_status="failed", failure_cause=FailureCause.INTERNAL_ERROR, error=f"{type(exc).__name__}")
         doc["finished"] = now_iso()
         if not self.store.exists(doc["id"]):
             self.store.delete(doc["id"])  # deleted while it ran: leave none of its files behind
