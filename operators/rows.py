@@ -121,7 +121,8 @@ COLUMNS = (
     Column("det, det_w, det_h", "prepare", "the upright, downscaled RGB detection copy"),
     Column("credits", "prepare (budget)", "credits the item costs"),
     Column("t_read_ms, t_decode_ms, cpu_prepare_ms", "prepare", "timings"),
-    Column("detections", "detect", "`Detections` as JSON (models/detections.py)"),
+    Column("dets_boxes, dets_scores, dets_class_ids, dets_tiles, dets_details, dets_models, dets_polygons", "detect",
+           "`Detections` as arrays, one column per field (models/detections.py: to_row, from_row)"),
     Column("plan_shard", "plan", "the plan shard the item came from (its manifest parts and marker are named "
                                  "after it)"),
     Column("video", "prepare / segments / detect", "a video's header, segment span and, after detection, its "

@@ -109,7 +109,7 @@ def write_batch(batch: dict[str, np.ndarray], options: WriteOptions) -> dict[str
 def write_item(row: dict, options: WriteOptions) -> tuple[dict, Detections, np.ndarray]:
     """Anonymize and write one item; returns its manifest row, its detections and, per
     detection, whether it was anonymised (False inside an ignored area or with method detect)."""
-    dets = Detections.from_json(row.get("detections"))
+    dets = Detections.from_row(row)
     image_row = _image_row(row, options)
     if row["status"] != Status.PENDING:
         return image_row, Detections.empty(), np.zeros(0, bool)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import zipfile
 from pathlib import Path
 
+from models.detections import ROW_COLUMNS
 from operators.archive_formats import Encrypted, TooLarge
 from operators.archives import ArchiveOptions, expand_rows
 from operators.prepare import PREPARED_COLUMNS
@@ -25,6 +26,7 @@ def test_every_column_a_stage_sets_is_declared(tmp_path):
     listed = list_sources([str(tmp_path)])
     assert set(listed[0]) <= declared
     assert set(PREPARED_COLUMNS) <= declared
+    assert set(ROW_COLUMNS) <= declared  # the detect stage's
 
 
 def test_every_cause_has_a_description():

@@ -27,7 +27,7 @@ from jobs.spec import JobSpec
 from jobs.stage_options import video_options, write_options
 from models.adapters import adapter_class
 from models.catalog import ModelEntry
-from models.detections import CLASSES, Detections
+from models.detections import CLASSES, ROW_COLUMNS, Detections
 from models.fetch import prepared_weights
 from models.runtime import backend_for
 from operators.budget import Billing
@@ -94,7 +94,7 @@ class ImageProcessor:
                                       min(spec.max_pixels, self.max_pixels))}
         if item["status"] == Status.PENDING:
             detected = self.detector(spec)(rows_batch([item]))
-            item["detections"] = str(detected["detections"][0])
+            item.update({key: detected[key][0] for key in ROW_COLUMNS})
         # metadata/ names the upload, not where the server keeps it
         item["source_url"] = join("tasks", os.path.basename(task_root), "original", rel_path)
         options = write_options(spec, task_root, job_id=os.path.basename(task_root),
