@@ -129,8 +129,8 @@ def bench_bare(images_dir: str, fields: dict, out_dir: str) -> dict:
         item = {**row, **prepare_item(row, None, spec.det_max_side, spec.max_pixels)}
         det = np.frombuffer(item["det"], np.uint8).reshape(item["det_h"], item["det_w"], 3)
         found = detector.detect([det])[0]
-        item["detections"] = to_stored_pixels(found, item["det_w"], item["det_h"], item["width"],
-                                              item["height"], item["orientation"]).to_json()
+        item.update(to_stored_pixels(found, item["det_w"], item["det_h"], item["width"],
+                                     item["height"], item["orientation"]).to_row())
         write_item(item, options)
         times.append(time.perf_counter() - t0)
     steady = times[1:] or times  # the first image pays for session warm-up

@@ -31,7 +31,8 @@ from operators.prepare import prepare_batch
 from operators.repack import repack_archive
 from operators.resume import drop_finished
 from operators.shard_resume import write_by_shard
-from operators.video import VideoOptions, process_videos
+from operators.video import process_videos
+from operators.video_frames import VideoOptions
 from operators.video_segments import SegmentJoiner, split_rows
 from operators.write import WriteOptions, write_batch
 

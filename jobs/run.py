@@ -13,6 +13,7 @@ from __future__ import annotations
 import _thread
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from jobs.lease import JobLease
@@ -38,9 +39,10 @@ from operators.budget import Billing
 from operators.input_lists import is_list_input
 from operators.listing import iter_sources
 from operators.manifest import read_table
-from operators.plan import Plan, iter_plan, plan_todo, shard_items, wave_items, write_plan
+from operators.plan import Plan, PlanTodo, iter_plan, plan_todo, shard_items, wave_items, write_plan
 from operators.repack import members_by_archive
 from operators.resume import ResumeState, drop_duplicates, latest_rows, resume_state
+from operators.rows import FailureCause
 from operators.sources import check_output_outside_inputs
 from operators.storage import is_no_space, join
 
@@ -123,7 +125,7 @@ def _run_leased(spec: JobSpec, log, approve: bool, auto_approve_below: float | N
 
     report.reserve_room()  # so that a full disk still lets job.json say `failed` and why
     run_totals = Totals()
-    started, started_at = time.monotonic(), now_iso()
+    started_at = now_iso()
     lost: list[str] = []
 
     def ray_lost(cause: str) -> None:
@@ -136,34 +138,11 @@ def _run_leased(spec: JobSpec, log, approve: bool, auto_approve_below: float | N
         report.release_room()
         _thread.interrupt_main()  # the main thread stops waiting (a KeyboardInterrupt, handled below)
 
+    executor = RayExecutor(plan, whole, todo, sealed, classes, models, weights, pricing, job_root, report, lease,
+                           ray_lost, started_at, note, changed, log, bar)
     try:
-        with ray_session(on_lost=ray_lost):
-            res = plan_resources(spec, sum(len(w) for w in weights.values()),  # archives: members unknown
-                                 -(-todo.files // spec.batch_size) if not plan.archives else None)
-            report.doc["resources"] = res.__dict__
-            ledger = RemoteLedger(spec.max_credits, resume.charged) if spec.max_credits is not None else None
-            billing = Billing(pricing, classes, ledger)
-            report.set("processing", f"0 items done{note}", started_at=started_at)
-            sealer = ShardSealer(plan, job_root, todo.left, spec.storage_options)
-            if todo.files:
-                # counted in items (archive members included), not files
-                progress = JobProgress(todo.archives, archive_options(spec), resume.finished, bar=bar, log=log,
-                                       plain=todo.plain)
-                try:
-                    for stats in wave_batches(plan, lambda wave: build_dataset(
-                            spec, wave, classes, models, weights, job_root, res, billing, resume.finished)):
-                        if lease.lost.is_set():  # taken over as stale: another run owns the job now
-                            raise LeaseLost(f"the lease of job {spec.job_id} was taken over by another run")
-                        run_totals.add(stats)
-                        sealer.update(stats)
-                        progress.update(run_totals)
-                        report.progress(run_totals, progress.total, started, note)
-                finally:
-                    progress.close()
-            sealed.add(sealer.close(ended=True))
-            if spec.repack == "zip":
-                archives = plan_todo(whole, storage_options=spec.storage_options).all_archives
-                report.doc["repack"] = repack(spec, archives, job_root)
+        execute(spec, report, pricing, executor, resume, run_totals, started_at, sealed=sealed,
+                on_batch=executor.show_progress)
     except BaseException as exc:
         cause, description = job_failure(exc, lost)
         report.doc["totals"] = run_totals.as_dict()
@@ -174,15 +153,96 @@ def _run_leased(spec: JobSpec, log, approve: bool, auto_approve_below: float | N
         if cause in ("RAY_LOST", "NO_SPACE"):
             raise JobFailed(description) from exc
         raise
-    report.release_room()
-    if changed:
-        report.doc["spec_changes"] = [*report.doc.get("spec_changes", []), {"at": now_iso(), "options": changed}]
-    # One row per item, whatever happened: a write task retried after its worker died rewrites its
-    # parts under the same names, and writers of a killed earlier run may have finished items again.
-    drop_duplicates(job_root, spec.storage_options, sealed.parts())
-    finish(report, spec, pricing, run_totals, time.monotonic() - started, started_at, sealed)
     notify(report, spec, log)
     return report.doc
+
+
+# An executor runs the items of a job that `resume` has not finished and yields the stats rows
+# (operators/write.py's) of each written batch: RayExecutor here, the service's in-process one
+# (jobs/api/service_jobs.py). One signature, so both jobs share execute().
+Executor = Callable[[JobSpec, ResumeState], Iterator[dict]]
+
+
+def execute(spec: JobSpec, report: JobReport, pricing: Pricing, executor: Executor, resume: ResumeState,
+            run: Totals, started_at: str, sealed: Sealed | None = None,
+            on_batch: Callable[[Totals], None] | None = None) -> None:
+    """resume -> process -> finish: the items `resume` leaves through `executor`, counted into `run`
+    as their stats come back (`on_batch(run)` after each: progress), then the job's totals, credits
+    and cost from the manifest (finish). Whatever stops it is raised: the caller says how the job ended."""
+    started = time.monotonic()
+    for stats in executor(spec, resume):
+        run.add(stats)
+        if on_batch is not None:
+            on_batch(run)
+    finish(report, spec, pricing, run, time.monotonic() - started, started_at, sealed)
+
+
+@dataclass
+class RayExecutor:
+    """A job's plan on Ray: a Ray session (local, or RAY_ADDRESS's cluster), one Ray Data pipeline per
+    wave of shards (wave_batches); complete shards sealed as their stats arrive; --repack zip; then,
+    the session ended, one manifest row per item (drop_duplicates)."""
+
+    plan: Plan  # the shards to run (sealed ones left out)
+    whole: Plan  # every shard (--repack reads every archive)
+    todo: PlanTodo
+    sealed: Sealed
+    classes: list[str]
+    models: dict
+    weights: dict
+    pricing: Pricing
+    job_root: str
+    report: JobReport
+    lease: JobLease
+    on_lost: Callable[[str], None]  # RayWatch's: Ray went away
+    started_at: str
+    note: str  # " (N finished earlier)"
+    changed: list[str]  # options changed since the earlier run (--allow-spec-change)
+    log: Callable[[str], None]
+    bar: bool | None
+    progress: JobProgress | None = None
+    started: float = field(default_factory=time.monotonic)
+
+    def __call__(self, spec: JobSpec, resume: ResumeState) -> Iterator[dict]:
+        plan, todo, report, job_root = self.plan, self.todo, self.report, self.job_root
+        with ray_session(on_lost=self.on_lost):
+            res = plan_resources(spec, sum(len(w) for w in self.weights.values()),  # archives: members unknown
+                                 -(-todo.files // spec.batch_size) if not plan.archives else None)
+            report.doc["resources"] = res.__dict__
+            ledger = RemoteLedger(spec.max_credits, resume.charged) if spec.max_credits is not None else None
+            billing = Billing(self.pricing, self.classes, ledger)
+            report.set("processing", f"0 items done{self.note}", started_at=self.started_at)
+            sealer = ShardSealer(plan, job_root, todo.left, spec.storage_options)
+            if todo.files:
+                # counted in items (archive members included), not files
+                self.progress = JobProgress(todo.archives, archive_options(spec), resume.finished, bar=self.bar,
+                                            log=self.log, plain=todo.plain)
+                try:
+                    for stats in wave_batches(plan, lambda wave: build_dataset(
+                            spec, wave, self.classes, self.models, self.weights, job_root, res, billing,
+                            resume.finished)):
+                        if self.lease.lost.is_set():  # taken over as stale: another run owns the job now
+                            raise LeaseLost(f"the lease of job {spec.job_id} was taken over by another run")
+                        sealer.update(stats)
+                        yield stats
+                finally:
+                    self.progress.close()
+            self.sealed.add(sealer.close(ended=True))
+            if spec.repack == "zip":
+                archives = plan_todo(self.whole, storage_options=spec.storage_options).all_archives
+                report.doc["repack"] = repack(spec, archives, job_root)
+        report.release_room()
+        if self.changed:
+            report.doc["spec_changes"] = [*report.doc.get("spec_changes", []),
+                                          {"at": now_iso(), "options": self.changed}]
+        # One row per item, whatever happened: a write task retried after its worker died rewrites its
+        # parts under the same names, and writers of a killed earlier run may have finished items again.
+        drop_duplicates(job_root, spec.storage_options, self.sealed.parts())
+
+    def show_progress(self, run: Totals) -> None:
+        if self.progress is not None:
+            self.progress.update(run)
+            self.report.progress(run, self.progress.total, self.started, self.note)
 
 
 def wave_batches(plan: Plan, build: Callable[[Plan], ray.data.Dataset]) -> Iterator[dict]:
@@ -245,7 +305,7 @@ def finish(report: JobReport, spec: JobSpec, pricing: Pricing, run: Totals, wall
     )
     report.doc["runs"].append({"started_at": started_at, "finished_at": now_iso(), "items": run.items,
                                "wall_s": round(wall, 3)})
-    over = totals.by_cause.get("BUDGET_EXCEEDED", 0)
+    over = totals.by_cause.get(FailureCause.BUDGET_EXCEEDED, 0)
     description = (f"{over} items not processed: the --max-credits cap of {spec.max_credits:g} was reached "
                    f"(resume with a higher cap to process them)") if over else ""
     report.set("done", description, finished_at=now_iso())

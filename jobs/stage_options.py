@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from jobs.spec import JobSpec
 from operators.archives import ArchiveOptions
-from operators.video import VideoOptions
+from operators.video_frames import VideoOptions
 from operators.write import WriteOptions
 
 

@@ -1,13 +1,14 @@
 """`Detections`: the one structure that carries what a model found through every stage.
 
 Boxes are pixel corners (x1, y1, x2, y2) as float32 in the coordinates of the image they were
-found in; stages rescale them (`scaled`) rather than keeping parallel copies. Between Ray stages a
-`Detections` travels as a small JSON string (`to_json` / `from_json`) so blocks stay plain Arrow.
+found in; stages rescale them (`scaled`) rather than keeping parallel copies. From the detect stage
+to the write stage a `Detections` travels as arrays, one item-row column per field (`to_row` /
+`from_row`, ROW_COLUMNS): Ray Data keeps ragged per-item arrays as tensor and list columns.
 """
 
 from __future__ import annotations
 
-import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -99,25 +100,33 @@ class Detections:
             [q for p in parts for q in p.polygons],
         )
 
-    def to_json(self) -> str:
-        doc = {
-            "boxes": np.round(self.boxes, 2).tolist(),
-            "scores": np.round(self.scores, 4).tolist(),
-            "classes": self.classes.tolist(),
-            "details": self.details,
-            "models": self.models,
-            "tiles": self.tiles.tolist(),
+    def to_row(self) -> dict[str, object]:
+        """The item row's detection columns (ROW_COLUMNS), rounded as the outputs show them (boxes
+        to 0.01 px, scores to 1e-4, outlines to 0.1 px)."""
+        return {
+            "dets_boxes": np.round(self.boxes, 2),
+            "dets_scores": np.round(self.scores, 4),
+            "dets_class_ids": self.classes.copy(),
+            "dets_tiles": self.tiles.copy(),
+            "dets_details": [str(d) for d in self.details],
+            "dets_models": [str(m) for m in self.models],
+            "dets_polygons": [[round(float(v), 1) for v in p] for p in self.polygons],
         }
-        if any(self.polygons):  # only written when some model gave outlines: rows stay small
-            doc["polygons"] = [[round(float(v), 1) for v in p] for p in self.polygons]
-        return json.dumps(doc, separators=(",", ":"))
 
     @classmethod
-    def from_json(cls, text: str | None) -> Detections:
-        if not text:
+    def from_row(cls, row: Mapping) -> Detections:
+        """The Detections of an item row (empty when the row has none: not detected, or a video).
+        The values may come back from Ray Data as numpy arrays of any length, lists or tensors."""
+        if row.get("dets_boxes") is None:
             return cls.empty()
-        d = json.loads(text)
-        return cls(d["boxes"], d["scores"], d["classes"], d["details"], d["models"], d["tiles"], d.get("polygons"))
+        polygons = [[float(v) for v in p] for p in row.get("dets_polygons", ())]
+        return cls(np.asarray(row["dets_boxes"], np.float32).reshape(-1, 4), row["dets_scores"],
+                   row["dets_class_ids"], [str(d) for d in row["dets_details"]],
+                   [str(m) for m in row["dets_models"]], row["dets_tiles"], polygons or None)
+
+
+# The item row's detection columns (set by the detect stage, read by the write stage).
+ROW_COLUMNS = tuple(Detections.empty().to_row())
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:

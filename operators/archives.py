@@ -22,54 +22,34 @@ and an `error`; those rows flow through the later stages untouched.
 from __future__ import annotations
 
 import io
-import os
-import posixpath
-import shutil
-import tempfile
-import threading
-import zipfile
-from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 from operators.archive_formats import (
-    BACKENDS,
     Encrypted,
     Member,
     TooLarge,
-    ZipArchive,
     detect_format,
     rar_volume_number,
 )
-from operators.archive_zipscan import ScannedZip
-from operators.causes import OUTPUT_PATH_ERROR
+from operators.archive_open import (
+    CACHE_LOCK,
+    DEFAULT_MAX_MEMBER_BYTES,
+    ArchiveOptions,
+    OpenArchive,
+    cached_archive,
+    open_backend,
+)
 from operators.items import UnsafePath, item_id, kind_of, safe_rel_path
-from operators.storage import filesystem, is_local
+from operators.rows import VERDICT_DEFAULTS, FailureCause, Status, failure_cause
 
 NEST = "!/"  # separates the members of nested archives in `member`: "inner.zip!/cam/1.jpg"
-GiB = 1 << 30
-DEFAULT_MAX_MEMBER_BYTES = 2 * GiB
-DEFAULT_MAX_ARCHIVE_BYTES = 1024 * GiB
-DEFAULT_MAX_COMPRESSION_RATIO = 100.0  # JPEG ~1, PNG/BMP street scenes < 10; deflate bombs ~1000
 RATIO_FLOOR = 1 << 20  # members smaller than this are too small to be bombs: ratio not checked
-READ_BLOCK = 64 * 1024  # fsspec readahead for header reads (zipfile reads a whole central directory at once)
-ROW_DEFAULTS = {"status": "", "failure_cause": "", "error": "", "data": b""}
-
-
-@dataclass(frozen=True)
-class ArchiveOptions:
-    depth: int = 1  # archives inside archives are expanded up to this level; 0 = archives skipped
-    password: str = ""
-    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
-    max_archive_bytes: int = DEFAULT_MAX_ARCHIVE_BYTES
-    max_compression_ratio: float = DEFAULT_MAX_COMPRESSION_RATIO
-    storage_options: dict = field(default_factory=dict)
 
 
 def normalize_row(row: dict) -> dict:
     """The row with the status/failure/data keys every stage after listing relies on."""
     out = dict(row)
-    for key, value in ROW_DEFAULTS.items():
+    for key, value in VERDICT_DEFAULTS.items():
         if out.get(key) is None:
             out[key] = value
     return out
@@ -78,10 +58,10 @@ def normalize_row(row: dict) -> dict:
 def expand_rows(row: dict, options: ArchiveOptions) -> Iterator[dict]:
     """The flat_map function: a non-archive row passes through; an archive becomes its members."""
     row = normalize_row(row)
-    if row["kind"] != "archive" or row["status"]:
+    if row["kind"] != "archive" or row["status"] != Status.UNDECIDED:
         yield row
     elif options.depth < 1:
-        yield _verdict(row, "skipped", "", "archive not expanded (--archive-depth 0)")
+        yield _verdict(row, Status.SKIPPED, "", "archive not expanded (--archive-depth 0)")
     else:
         yield from iter_archive(row, options)
 
@@ -95,18 +75,12 @@ def iter_archive(row: dict, options: ArchiveOptions) -> Iterator[dict]:
     """Item rows for the members of one archive, then failure rows for what could not be listed."""
     url = row["source_url"]
     if rar_volume_number(url) > 1:
-        yield _verdict(row, "skipped", "", "continuation volume of a multi-volume RAR (read with part1)")
+        yield _verdict(row, Status.SKIPPED, "", "continuation volume of a multi-volume RAR (read with part1)")
         return
     try:
-        opened = _Opened(url, options, spill_solid=True)
-    except Encrypted as exc:
-        yield _verdict(row, "failed", "ENCRYPTED", str(exc))
-        return
-    except TooLarge as exc:
-        yield _verdict(row, "failed", "TOO_LARGE", str(exc))
-        return
-    except Exception as exc:  # not an archive, truncated, unknown format: the archive fails alone
-        yield _verdict(row, "failed", "ARCHIVE_ERROR", f"cannot open archive: {_describe(exc)}")
+        opened = OpenArchive(url, options, spill_solid=True)
+    except Exception as exc:  # not an archive, truncated, unknown format, encrypted...: the archive fails alone
+        yield _failure(row, exc, "cannot open archive: ")
         return
     try:
         yield from _walk(opened.handle, row, "", row["rel_path"], 1, opened.spilled, options)
@@ -121,11 +95,11 @@ def _walk(
         members = handle.members()
     except Exception as exc:
         yield _verdict(
-            _member_row(base, chain, rel_root, 0), "failed", "ARCHIVE_ERROR", f"cannot list members: {_describe(exc)}"
-        )
+            _member_row(base, chain, rel_root, 0), Status.FAILED, FailureCause.ARCHIVE_ERROR,
+            f"cannot list members: {_describe(exc)}")
         return
     if not any(not m.is_dir for m in members) and not getattr(handle, "stopped", ""):  # an empty archive's row
-        yield _verdict(base, "skipped", "", "empty archive (no members)")
+        yield _verdict(base, Status.SKIPPED, "", "empty archive (no members)")
         return
     total, taken, seen = 0, set(), {}
     images = _image_paths(members)
@@ -142,34 +116,36 @@ def _walk(
             if NEST in m.name:
                 raise UnsafePath(f"{NEST!r} in name {m.name!r} (reserved for nested archives)")
         except UnsafePath as exc:
-            yield _verdict(row, "failed", "UNSAFE_PATH", str(exc))
+            yield _verdict(row, Status.FAILED, FailureCause.UNSAFE_PATH, str(exc))
             continue
         row.update(rel_path=f"{rel_root}/{rel}", kind=kind_of(rel))
         if m.is_symlink:
-            yield _verdict(row, "failed", "UNSAFE_PATH", f"{m.name!r} is a symbolic link")
+            yield _verdict(row, Status.FAILED, FailureCause.UNSAFE_PATH, f"{m.name!r} is a symbolic link")
             continue
         if row["rel_path"] in taken:
-            yield _verdict(row, "failed", OUTPUT_PATH_ERROR, f"{m.name!r} repeats an earlier member's path")
+            yield _verdict(row, Status.FAILED, FailureCause.OUTPUT_PATH_ERROR,
+                           f"{m.name!r} repeats an earlier member's path")
             continue
         parent = next((p for p in _parents(rel) if p in images), "")
         if parent:  # members "x.jpg" and "x.jpg/y.jpg": one path cannot be a file and a folder
-            yield _verdict(row, "failed", OUTPUT_PATH_ERROR, f"{m.name!r} needs a folder where the image "
-                           f"{parent!r} is written")
+            yield _verdict(row, Status.FAILED, FailureCause.OUTPUT_PATH_ERROR,
+                           f"{m.name!r} needs a folder where the image {parent!r} is written")
             continue
         taken.add(row["rel_path"])
         over = _over_limit(m, total if row["kind"] != "other" else 0, options)
         if over:  # before the kind check: a 4 GiB "readme" is worth reporting as what it is
-            yield _verdict(row, "failed", "TOO_LARGE", over)
+            yield _verdict(row, Status.FAILED, FailureCause.TOO_LARGE, over)
             continue
         if row["kind"] == "other":
-            yield _verdict(row, "skipped", "", "not an image")
+            yield _verdict(row, Status.SKIPPED, "", "not an image")
             continue
         if m.encrypted and not options.password:
-            yield _verdict(row, "failed", "ENCRYPTED", f"{m.name!r} is encrypted (give --archive-password)")
+            yield _verdict(row, Status.FAILED, FailureCause.ENCRYPTED,
+                           f"{m.name!r} is encrypted (give --archive-password)")
             continue
         total += m.size  # only what is read counts towards --max-archive-bytes
         if row["kind"] == "archive" and level >= options.depth:
-            yield _verdict(row, "skipped", "", f"nested archive beyond --archive-depth {options.depth}")
+            yield _verdict(row, Status.SKIPPED, "", f"nested archive beyond --archive-depth {options.depth}")
         elif row["kind"] == "archive":
             yield from _nested(handle, m, row, level, options)
         elif inline_all or m.block >= 0 or m.encrypted:
@@ -183,12 +159,12 @@ def _walk(
             if row is not None:
                 yield row | {"data": got} if isinstance(got, bytes) else _failure(row, got)
         for row in rows.values():  # the block ended early (a corrupt or truncated archive)
-            yield _verdict(row, "failed", "ARCHIVE_ERROR", "member missing from its block")
+            yield _verdict(row, Status.FAILED, FailureCause.ARCHIVE_ERROR, "member missing from its block")
     stopped = getattr(handle, "stopped", "")
     if stopped:  # RAR: a bad header cut the listing short; what came before it is listed above
         yield _verdict(
-            _member_row(base, chain, rel_root, 0), "failed", "ARCHIVE_ERROR", f"listing stopped early: {stopped}"
-        )
+            _member_row(base, chain, rel_root, 0), Status.FAILED, FailureCause.ARCHIVE_ERROR,
+            f"listing stopped early: {stopped}")
 
 
 def _image_paths(members: list[Member]) -> set[str]:
@@ -239,8 +215,8 @@ def read_member(
         password=password, max_member_bytes=max_member_bytes, storage_options=dict(storage_options or {})
     )
     parts = row["member"].split(NEST)
-    with _CACHE_LOCK:
-        handle = _cached(row["source_url"], options).handle
+    with CACHE_LOCK:
+        handle = cached_archive(row["source_url"], options).handle
         data = handle.read(parts[0], max_member_bytes)
     for part in parts[1:]:
         fmt = detect_format(data[:8], part)
@@ -262,108 +238,11 @@ def read_member_head(row: dict, n: int, storage_options: dict | None = None, pas
         return row["data"][:n]
     if NEST not in row["member"]:
         options = ArchiveOptions(password=password, storage_options=dict(storage_options or {}))
-        with _CACHE_LOCK:
-            handle = _cached(row["source_url"], options).handle
+        with CACHE_LOCK:
+            handle = cached_archive(row["source_url"], options).handle
             if hasattr(handle, "read_head"):
                 return handle.read_head(row["member"], n)
     return read_member(row, storage_options, password)[:n]
-
-
-def open_backend(fmt: str, src, password: str = "", fetch=None):
-    """The reader for `fmt` over `src` (a seekable file, or a local path for RAR). A zip whose
-    central directory cannot be read is walked by its local headers instead (ScannedZip)."""
-    if fmt != "zip":
-        return BACKENDS[fmt](src, password)
-    try:
-        return ZipArchive(src, password, fetch=fetch)
-    except zipfile.BadZipFile:
-        size = src.seek(0, 2)
-        return ScannedZip(src, size, password)
-
-
-class _Opened:
-    """An archive open for reading: the back end plus what must be closed or deleted with it."""
-
-    def __init__(self, url: str, options: ArchiveOptions, spill_solid: bool):
-        self.files: list = []
-        self.tmpdir = ""
-        self.spilled = False
-        fs, path = filesystem(url, options.storage_options)
-        local = is_local(url)
-        f = fs.open(path, "rb") if local else fs.open(path, "rb", block_size=READ_BLOCK, cache_type="readahead")
-        self.files.append(f)
-        fmt = detect_format(f.read(8), path)
-        f.seek(0)
-        if fmt is None:
-            self.close()
-            raise ValueError("not a zip, 7z or rar archive")
-        try:
-            if fmt == "rar" and local:  # the tool reads the file itself; volumes are found beside it
-                self.close()
-                self.handle = BACKENDS[fmt](path, options.password)
-            elif fmt == "zip":
-                self.handle = open_backend(fmt, f, options.password, fetch=_ranged(fs, path))
-            else:
-                self.handle = BACKENDS[fmt](f, options.password)
-            if fmt == "rar" and not local and (rar_volume_number(path) or (spill_solid and self.handle.solid)):
-                self.handle.close()
-                self.handle = BACKENDS[fmt](self._spill(fs, path, options), options.password)
-                self.spilled = True
-        except BaseException:
-            self.close()
-            raise
-
-    def _spill(self, fs, path: str, options: ArchiveOptions) -> str:
-        """Copy a remote RAR (or its volume set) to a temp folder: the tool needs local files.
-        Bounded by --max-archive-bytes and by the free temp space; deleted in close()."""
-        self.close()
-        number = rar_volume_number(path)
-        paths = [path]
-        if number:
-            stem = path[: path.lower().rfind(".part")]
-            paths = sorted(p for p in fs.glob(stem + ".part*.rar") if rar_volume_number(p))
-        size = sum(fs.size(p) for p in paths)
-        if size > options.max_archive_bytes:
-            raise TooLarge(f"RAR of {size} bytes is over --max-archive-bytes ({options.max_archive_bytes})")
-        self.tmpdir = tempfile.mkdtemp(prefix="veil-rar-")
-        if shutil.disk_usage(self.tmpdir).free < size + (256 << 20):
-            raise OSError(f"not enough temp space to spill a {size}-byte RAR")
-        for p in paths:
-            fs.get_file(p, os.path.join(self.tmpdir, posixpath.basename(p)))
-        return os.path.join(self.tmpdir, posixpath.basename(path))
-
-    def close(self) -> None:
-        handle = getattr(self, "handle", None)
-        if handle is not None:
-            handle.close()
-        for f in self.files:
-            f.close()
-        self.files = []
-        if self.tmpdir:
-            shutil.rmtree(self.tmpdir, ignore_errors=True)
-            self.tmpdir = ""
-
-
-def _ranged(fs, path: str):
-    size = fs.size(path)
-    return lambda start, end: fs.cat_file(path, start=start, end=min(end, size))
-
-
-_CACHE: OrderedDict = OrderedDict()
-_CACHE_LOCK = threading.Lock()
-CACHE_SIZE = 4  # open archives per worker process (each holds its member index)
-
-
-def _cached(url: str, options: ArchiveOptions) -> _Opened:
-    key = (url, repr(sorted(options.storage_options.items())), options.password)
-    if key in _CACHE:
-        _CACHE.move_to_end(key)
-        return _CACHE[key]
-    opened = _Opened(url, options, spill_solid=False)
-    _CACHE[key] = opened
-    while len(_CACHE) > CACHE_SIZE:
-        _CACHE.popitem(last=False)[1].close()
-    return opened
 
 
 def _over_limit(m: Member, total: int, o: ArchiveOptions) -> str:
@@ -384,7 +263,7 @@ def _member_row(base: dict, member: str, rel_path: str, size: int) -> dict:
         "rel_path": rel_path,
         "size": int(size),
         "kind": base["kind"],
-        **ROW_DEFAULTS,
+        **VERDICT_DEFAULTS,
     }
 
 
@@ -392,12 +271,12 @@ def _verdict(row: dict, status: str, cause: str, error: str) -> dict:
     return row | {"status": status, "failure_cause": cause, "error": error, "data": b""}
 
 
-def _failure(row: dict, exc: BaseException) -> dict:
-    if isinstance(exc, TooLarge):
-        return _verdict(row, "failed", "TOO_LARGE", str(exc))
-    if isinstance(exc, Encrypted):
-        return _verdict(row, "failed", "ENCRYPTED", str(exc))
-    return _verdict(row, "failed", "ARCHIVE_ERROR", _describe(exc))
+def _failure(row: dict, exc: BaseException, what: str = "") -> dict:
+    """The failed row of a member (or archive) that raised `exc`: its cause (operators.rows), ARCHIVE_ERROR
+    unless the exception says otherwise."""
+    cause = failure_cause(exc, FailureCause.ARCHIVE_ERROR)
+    named = isinstance(exc, TooLarge | Encrypted)  # their message says it all
+    return _verdict(row, Status.FAILED, cause, str(exc) if named else what + _describe(exc))
 
 
 def _describe(exc: BaseException) -> str:

@@ -9,7 +9,7 @@ Rows are list_sources' rows: the same item id for the same URL (and member) as w
 listed, so a job can switch from listing to a list. `rel_path` (its path under images/) is the
 given one, else the URL's path without scheme and bucket. Lists are read in streaming batches
 (pyarrow), so the driver holds one batch, not the list. Sizes are the list's (0 when absent):
-no HEAD per object either. A URL that cannot be an output path fails alone (UNSAFE_PATH).
+no HEAD per object either. A URL that cannot be an output path fails alone (FailureCause.UNSAFE_PATH).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from urllib.parse import unquote_plus, urlsplit
 
 import pyarrow.parquet as pq
 
-from operators.causes import UNSAFE_PATH
 from operators.items import UnsafePath, item_id, kind_of, safe_rel_path
+from operators.rows import FailureCause
 from operators.storage import filesystem, read_bytes
 
 LIST_PREFIX = "list:"
@@ -67,7 +67,7 @@ def list_row(source_url: str, member: str, rel_path: str, size: int, prefix: str
     try:
         rel = safe_rel_path(raw)
     except UnsafePath as exc:
-        rel, status, cause, error = raw, "failed", UNSAFE_PATH, str(exc)
+        rel, status, cause, error = raw, "failed", FailureCause.UNSAFE_PATH, str(exc)
     return {"item_id": item_id(source_url, member) if member else item_id(source_url), "source_url": source_url,
             "member": member, "rel_path": rel, "size": int(size or 0), "kind": kind_of(name), "status": status,
             "failure_cause": cause, "error": error}

@@ -19,9 +19,9 @@ import os
 import posixpath
 from collections.abc import Iterator
 
-from operators.causes import OUTPUT_PATH_ERROR, UNSAFE_PATH
 from operators.input_lists import is_list_input, iter_list_rows, list_name
 from operators.items import UnsafePath, item_id, kind_of, safe_rel_path
+from operators.rows import FailureCause
 from operators.sources import GLOB_CHARS, InputError, _entries, _unique_prefix, local_entry
 from operators.storage import filesystem, is_local
 
@@ -49,7 +49,7 @@ def iter_sources(inputs: list[str], storage_options: dict | None = None) -> Iter
             try:
                 rel_path = safe_rel_path(raw)
             except UnsafePath as exc:
-                rel_path, status, cause, error = raw, "failed", UNSAFE_PATH, str(exc)
+                rel_path, status, cause, error = raw, "failed", FailureCause.UNSAFE_PATH, str(exc)
             row = {"item_id": item_id(source_url), "source_url": source_url, "member": "", "rel_path": rel_path,
                    "size": int(size or 0), "kind": kind_of(path), "status": status, "failure_cause": cause,
                    "error": error}
@@ -58,10 +58,10 @@ def iter_sources(inputs: list[str], storage_options: dict | None = None) -> Iter
                     row.update(item_id=item_id(source_url, "\0" + rel_path), status="skipped", failure_cause="",
                                error="the same file is listed by an earlier input")
                 ids.add(row["item_id"])
-            if not (status == "failed" and cause == UNSAFE_PATH):
+            if not (status == "failed" and cause == FailureCause.UNSAFE_PATH):
                 clash = guard.check(rel_path, raw, posixpath.join(prefix, ""))
                 if clash and not row["status"]:
-                    row.update(status="failed", failure_cause=OUTPUT_PATH_ERROR, error=clash)
+                    row.update(status="failed", failure_cause=FailureCause.OUTPUT_PATH_ERROR, error=clash)
             yield row
 
 
@@ -150,5 +150,6 @@ def _walk_remote(fs, root: str) -> Iterator[Entry]:
 def _clashing_folder(fs, folder: str, root: str) -> Iterator[Entry]:
     """The files under a folder that has the name of a file: each fails, its path is the file's."""
     for path in sorted(fs.find(folder)):
-        yield path, 0, ("failed", OUTPUT_PATH_ERROR, f"output path {posixpath.relpath(path, root)!r} needs a "
+        yield path, 0, ("failed", FailureCause.OUTPUT_PATH_ERROR,
+                        f"output path {posixpath.relpath(path, root)!r} needs a "
                         f"folder where the image {posixpath.relpath(folder, root)!r} is written")

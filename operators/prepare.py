@@ -18,24 +18,16 @@ import numpy as np
 from PIL import Image
 
 from operators.budget import Billing
-from operators.causes import MULTI_FRAME, VIDEO_DEFECT
 from operators.codecs import PNG_SIGNATURE, image_end
 from operators.items import format_from_name, sniff_format
 from operators.orientation import upright
-from operators.storage import is_unavailable, read_bytes
+from operators.rows import FailureCause, ItemFailure, Status, failure_cause
+from operators.storage import read_bytes
 
 DEFAULT_DET_MAX_SIDE = 2048
 DEFAULT_MAX_PIXELS = 250_000_000  # a larger declared size is a decompression bomb: TOO_LARGE
 
 Image.MAX_IMAGE_PIXELS = None  # we apply our own limit, before decoding, with a clear cause
-
-
-class ItemFailure(Exception):
-    """A bad item: becomes a manifest row with `cause`, never an exception out of a stage."""
-
-    def __init__(self, cause: str, message: str):
-        super().__init__(message)
-        self.cause = cause
 
 
 def prepare_batch(
@@ -75,7 +67,7 @@ PREPARED_COLUMNS = (
 def charge(out: dict[str, list], item_ids: list[str], billing: Billing) -> None:
     """Price each readable image; with a ledger, reserve the credits and skip what the cap refuses
     (BUDGET_EXCEEDED: the item is not detected nor written, and costs nothing)."""
-    pending = [i for i, s in enumerate(out["status"]) if s == "pending"]
+    pending = [i for i, s in enumerate(out["status"]) if s == Status.PENDING]
     for i in pending:
         video = json.loads(out["video"][i]) if out.get("video") and out["video"][i] else None
         out["credits"][i] = (billing.video_credits(video["info"]["duration_s"]) if video
@@ -85,7 +77,7 @@ def charge(out: dict[str, list], item_ids: list[str], billing: Billing) -> None:
     granted = billing.ledger.reserve([(item_ids[i], out["credits"][i]) for i in pending])
     for i, ok in zip(pending, granted, strict=True):
         if not ok:
-            out["status"][i], out["failure_cause"][i] = "skipped", "BUDGET_EXCEEDED"
+            out["status"][i], out["failure_cause"][i] = Status.SKIPPED, FailureCause.BUDGET_EXCEEDED
             out["error"][i] = f"not processed: {out['credits'][i]} more credits would pass --max-credits"
             out["credits"][i], out["data"][i], out["det"][i] = 0.0, b"", b""
 
@@ -93,41 +85,31 @@ def charge(out: dict[str, list], item_ids: list[str], billing: Billing) -> None:
 def prepare_item(row: dict, storage_options: dict | None, det_max_side: int, max_pixels: int) -> dict:
     result = dict.fromkeys(PREPARED_COLUMNS)
     result.update(data=b"", det=b"", format="", width=0, height=0, orientation=1, det_w=0, det_h=0,
-                  status="pending", failure_cause="", error="", credits=0.0, t_read_ms=0.0, t_decode_ms=0.0,
+                  status=Status.PENDING, failure_cause="", error="", credits=0.0, t_read_ms=0.0, t_decode_ms=0.0,
                   cpu_prepare_ms=0.0, video="")
-    if str(row.get("status") or "") in ("failed", "skipped"):  # decided upstream (archive expand)
+    if str(row.get("status") or "") in (Status.FAILED, Status.SKIPPED):  # decided upstream (archive expand)
         result.update(status=str(row["status"]), failure_cause=str(row.get("failure_cause") or ""),
                       error=str(row.get("error") or ""))
         return result
     if row["kind"] == "video":
         return _prepare_video(row, result, storage_options)
     if row["kind"] != "image":
-        result.update(status="skipped", error=f"not an image ({row['kind']})")
+        result.update(status=Status.SKIPPED, error=f"not an image ({row['kind']})")
         return result
     t0 = time.perf_counter()
     try:
         data = fetch_item_bytes(row, storage_options)
-    except ItemFailure as exc:
-        result.update(status="failed", failure_cause=exc.cause, error=str(exc))
-        return result
-    except FileNotFoundError as exc:
-        result.update(status="failed", failure_cause="TASK_FILE_DOESNT_EXIST", error=str(exc))
-        return result
-    except Exception as exc:  # network, permissions: keep the job going, say what happened
-        # still unreachable after the client's retries: its own cause, which --retry-failed takes up
-        cause = "SOURCE_UNAVAILABLE" if is_unavailable(exc) else "INTERNAL_ERROR"
-        result.update(status="failed", failure_cause=cause, error=f"read failed: {exc!r}")
+    except Exception as exc:  # vanished, network, permissions: keep the job going, say what happened
+        result.update(status=Status.FAILED, failure_cause=failure_cause(exc), error=_message(exc, "read failed"))
         return result
     t1 = time.perf_counter()
     result.update(data=data, t_read_ms=(t1 - t0) * 1e3)
     try:
         fmt, width, height, orientation = check_image(data, row["rel_path"], max_pixels)
         det = detection_copy(data, fmt, width, height, orientation, det_max_side)
-    except ItemFailure as exc:
-        result.update(status="failed", failure_cause=exc.cause, error=str(exc))
-        return result
     except Exception as exc:  # a decoder error on odd input fails this item, never its batch
-        result.update(status="failed", failure_cause="IMAGE_DEFECT", error=f"cannot decode: {exc!r}"[:500])
+        result.update(status=Status.FAILED, failure_cause=failure_cause(exc, FailureCause.IMAGE_DEFECT),
+                      error=_message(exc, "cannot decode")[:500])
         return result
     result.update(format=fmt, width=width, height=height, orientation=orientation,
                   det=det.tobytes(), det_h=det.shape[0], det_w=det.shape[1],
@@ -144,39 +126,37 @@ def _prepare_video(row: dict, result: dict, storage_options: dict | None) -> dic
     try:
         data = fetch_item_bytes(row, storage_options) if row.get("member") else None
         info = probe_source(str(row["source_url"]), storage_options, data)
-    except ItemFailure as exc:
-        return result | {"status": "failed", "failure_cause": exc.cause, "error": str(exc)}
     except VideoDefect as exc:
-        return result | {"status": "failed", "failure_cause": VIDEO_DEFECT, "error": f"{row['rel_path']}: {exc}"}
-    except FileNotFoundError as exc:
-        return result | {"status": "failed", "failure_cause": "TASK_FILE_DOESNT_EXIST", "error": str(exc)}
-    except Exception as exc:  # network, permissions, an FFmpeg error on odd bytes: this item only
-        cause = "SOURCE_UNAVAILABLE" if is_unavailable(exc) else VIDEO_DEFECT
-        return result | {"status": "failed", "failure_cause": cause, "error": f"video header: {exc!r}"[:500]}
+        return result | {"status": Status.FAILED, "failure_cause": FailureCause.VIDEO_DEFECT,
+                         "error": f"{row['rel_path']}: {exc}"}
+    except Exception as exc:  # vanished, network, permissions, an FFmpeg error on odd bytes: this item only
+        return result | {"status": Status.FAILED, "failure_cause": failure_cause(exc, FailureCause.VIDEO_DEFECT),
+                         "error": _message(exc, "video header")[:500]}
     return result | {"data": data or b"", "format": posixpath.splitext(str(row["rel_path"]).lower())[1][1:],
                      "width": info.width, "height": info.height, "t_read_ms": (time.perf_counter() - t0) * 1e3,
                      "video": json.dumps({"info": info.as_dict()})}
+
+
+def _message(exc: BaseException, what: str) -> str:
+    """An item's `error`: an ItemFailure's or a missing file's own message, else what failed and how."""
+    return str(exc) if isinstance(exc, ItemFailure | FileNotFoundError) else f"{what}: {exc!r}"
 
 
 def fetch_item_bytes(row: dict, storage_options: dict | None) -> bytes:
     """The item's encoded bytes: the file itself, or an archive member through operators.archives
     (carried in the row's `data` when expand already read it, else one ranged read)."""
     if row.get("member"):
-        from operators.archive_formats import Encrypted, TooLarge
         from operators.archives import read_member
 
         try:
             return read_member(row, storage_options)
-        except TooLarge as exc:
-            raise ItemFailure("TOO_LARGE", f"{row['rel_path']}: {exc}") from None
-        except Encrypted as exc:
-            raise ItemFailure("ENCRYPTED", f"{row['rel_path']}: {exc}") from None
         except FileNotFoundError:
             raise
         except Exception as exc:  # a corrupt member or archive fails alone, the rest goes on
-            if is_unavailable(exc):
-                raise ItemFailure("SOURCE_UNAVAILABLE", f"{row['rel_path']}: {type(exc).__name__}: {exc}") from None
-            raise ItemFailure("ARCHIVE_ERROR", f"{row['rel_path']}: {type(exc).__name__}: {exc}") from None
+            cause = failure_cause(exc, FailureCause.ARCHIVE_ERROR)
+            detail = str(exc) if cause in (FailureCause.TOO_LARGE, FailureCause.ENCRYPTED) \
+                else f"{type(exc).__name__}: {exc}"
+            raise ItemFailure(cause, f"{row['rel_path']}: {detail}") from None
     return read_bytes(row["source_url"], storage_options)
 
 
@@ -186,14 +166,15 @@ def check_image(data: bytes, name: str, max_pixels: int) -> tuple[str, int, int,
     The pixel limit is checked on the declared size before anything is decoded: reading a PNG's
     EXIF through PIL loads the whole image, so orientation is read only once the size passed."""
     if not data:
-        raise ItemFailure("IMAGE_DEFECT", f"{name}: empty file (0 bytes)")
+        raise ItemFailure(FailureCause.IMAGE_DEFECT, f"{name}: empty file (0 bytes)")
     fmt = sniff_format(data)
     expected = format_from_name(name)
     if fmt is None:
-        raise ItemFailure("CONTENT_TYPE_ERROR", f"{name}: content is not a supported image ({data[:8]!r}...)")
+        raise ItemFailure(FailureCause.CONTENT_TYPE_ERROR,
+                          f"{name}: content is not a supported image ({data[:8]!r}...)")
     if expected and fmt != expected:
         raise ItemFailure(
-            "CONTENT_TYPE_ERROR", f"{name}: content is {fmt.upper()} but the name says {expected.upper()}"
+            FailureCause.CONTENT_TYPE_ERROR, f"{name}: content is {fmt.upper()} but the name says {expected.upper()}"
         )
     try:
         with warnings.catch_warnings():
@@ -201,15 +182,15 @@ def check_image(data: bytes, name: str, max_pixels: int) -> tuple[str, int, int,
             img = Image.open(io.BytesIO(data))
             width, height = img.size
     except Exception as exc:
-        raise ItemFailure("IMAGE_DEFECT", f"{name}: unreadable header ({exc})") from None
+        raise ItemFailure(FailureCause.IMAGE_DEFECT, f"{name}: unreadable header ({exc})") from None
     if width * height > max_pixels:
-        raise ItemFailure("TOO_LARGE", f"{name}: {width}x{height} exceeds the {max_pixels} pixel limit")
+        raise ItemFailure(FailureCause.TOO_LARGE, f"{name}: {width}x{height} exceeds the {max_pixels} pixel limit")
     if width < 1 or height < 1:
-        raise ItemFailure("IMAGE_DEFECT", f"{name}: declares {width}x{height} pixels")
+        raise ItemFailure(FailureCause.IMAGE_DEFECT, f"{name}: declares {width}x{height} pixels")
     frames = _frame_count(img, data, fmt)
     if frames > 1:  # veil writes one frame: anonymizing the first and dropping the rest would lose content
         kind = "pages" if fmt == "tiff" else "frames"
-        raise ItemFailure(MULTI_FRAME, f"{name}: {fmt.upper()} of {frames} {kind}; veil anonymizes "
+        raise ItemFailure(FailureCause.MULTI_FRAME, f"{name}: {fmt.upper()} of {frames} {kind}; veil anonymizes "
                           "single-frame images only (split the pages/frames first)")
     return fmt, width, height, _orientation(img, data, fmt)
 
@@ -231,7 +212,7 @@ def _frame_count(img: Image.Image, data: bytes, fmt: str) -> int:
         img.seek(0)
         return pages
     except Exception as exc:  # a TIFF whose IFD chain is broken
-        raise ItemFailure("IMAGE_DEFECT", f"unreadable page list ({exc})") from None
+        raise ItemFailure(FailureCause.IMAGE_DEFECT, f"unreadable page list ({exc})") from None
 
 
 def _orientation(img: Image.Image, data: bytes, fmt: str) -> int:
@@ -279,9 +260,9 @@ def detection_copy(data: bytes, fmt: str, width: int, height: int, orientation: 
                  8: cv2.IMREAD_REDUCED_COLOR_8}[factor] | cv2.IMREAD_IGNORE_ORIENTATION
     img = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     if img is None or img.size == 0:
-        raise ItemFailure("IMAGE_DEFECT", "the image data cannot be decoded")
+        raise ItemFailure(FailureCause.IMAGE_DEFECT, "the image data cannot be decoded")
     if not _complete(data, fmt):
-        raise ItemFailure("IMAGE_DEFECT", f"truncated {fmt.upper()} (no end marker)")
+        raise ItemFailure(FailureCause.IMAGE_DEFECT, f"truncated {fmt.upper()} (no end marker)")
     scale = max_side / max(img.shape[:2])
     if scale < 1:  # a side never rounds to 0 (a 5000x1 strip stays 2048x1)
         img = cv2.resize(img, (max(1, round(img.shape[1] * scale)), max(1, round(img.shape[0] * scale))),

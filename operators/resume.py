@@ -22,9 +22,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from operators.manifest import DETECTIONS_SCHEMA, IMAGES_SCHEMA, part_urls, write_part
+from operators.rows import FailureCause
 from operators.storage import filesystem
 
-RETRYABLE_SKIPS = ("BUDGET_EXCEEDED",)  # skipped for the budget: a resumed job tries them again
+RETRYABLE_SKIPS = (FailureCause.BUDGET_EXCEEDED,)  # skipped for the budget: a resumed job tries them again
 
 
 @dataclass

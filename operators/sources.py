@@ -11,8 +11,8 @@ import os
 import posixpath
 import stat
 
-from operators.causes import OUTPUT_PATH_ERROR, UNSAFE_PATH
 from operators.items import UnsafePath, item_id, kind_of, safe_rel_path
+from operators.rows import FailureCause
 from operators.storage import filesystem, is_local
 
 GLOB_CHARS = "*?["
@@ -42,7 +42,8 @@ def list_sources(inputs: list[str], storage_options: dict | None = None) -> list
             try:
                 rel_path = safe_rel_path(posixpath.join(prefix, rel))
             except UnsafePath as exc:  # e.g. a newline in a file name: this file fails, the rest runs
-                rel_path, status, cause, error = posixpath.join(prefix, rel), "failed", UNSAFE_PATH, str(exc)
+                rel_path, cause, error = posixpath.join(prefix, rel), FailureCause.UNSAFE_PATH, str(exc)
+                status = "failed"
             rows.append(
                 {
                     "item_id": item_id(source_url),
@@ -61,7 +62,7 @@ def list_sources(inputs: list[str], storage_options: dict | None = None) -> list
 
 
 def refuse_collisions(rows: list[dict]) -> list[dict]:
-    """Fail (OUTPUT_PATH_ERROR) each row whose output path is already another row's (a file
+    """Fail (FailureCause.OUTPUT_PATH_ERROR) each row whose output path is already another row's (a file
     `a\\b.jpg` beside a folder `a/b.jpg`: backslashes read as separators) or lies under an image
     row's path (S3 keys `x.jpg` and `x.jpg/y.jpg`: a file and a folder of one name). The first
     row in listing order keeps the path; nothing is overwritten silently."""
@@ -73,7 +74,7 @@ def refuse_collisions(rows: list[dict]) -> list[dict]:
             r.update(item_id=item_id(r["source_url"], "\0" + r["rel_path"]), status="skipped", failure_cause="",
                      error="the same file is listed by an earlier input")
         ids.add(r["item_id"])
-        if r["status"] == "failed" and r["failure_cause"] == UNSAFE_PATH:
+        if r["status"] == "failed" and r["failure_cause"] == FailureCause.UNSAFE_PATH:
             continue  # its rel_path is not a path anyone writes to
         rel, clash = r["rel_path"], ""
         if rel in owners:
@@ -84,7 +85,7 @@ def refuse_collisions(rows: list[dict]) -> list[dict]:
             if parent:
                 clash = f"output path {rel!r} needs a folder where the image {parent!r} is written"
         if clash and not r["status"]:
-            r.update(status="failed", failure_cause=OUTPUT_PATH_ERROR, error=clash)
+            r.update(status="failed", failure_cause=FailureCause.OUTPUT_PATH_ERROR, error=clash)
         owners.setdefault(rel, r["source_url"])
     return rows
 
@@ -125,7 +126,7 @@ def local_tree(root: str) -> list[tuple[str, int, tuple | None]]:
     """Every entry under a local folder, sorted, with a verdict for those that are not regular
     files. Symbolic links are followed when their target is inside the input (a link to a file
     is read like the file; a link to a folder is skipped: its files are listed under their own
-    path); a link out of the input is refused (UNSAFE_PATH), so an input folder cannot leak
+    path); a link out of the input is refused (FailureCause.UNSAFE_PATH), so an input folder cannot leak
     files it does not hold. Folder links are never descended, so loops cannot hang the listing."""
     real_root = os.path.realpath(root)
     out = []
@@ -144,7 +145,7 @@ def local_entry(path: str, real_root: str) -> tuple[str, int, tuple | None]:
         if stat.S_ISLNK(st.st_mode):
             target = os.path.realpath(path, strict=True)
             if os.path.commonpath([target, real_root]) != real_root:
-                return path, 0, ("failed", UNSAFE_PATH,
+                return path, 0, ("failed", FailureCause.UNSAFE_PATH,
                                  f"symbolic link to {target!r}, outside the input (not followed)")
             st = os.stat(path)
             if stat.S_ISDIR(st.st_mode):
@@ -154,9 +155,9 @@ def local_entry(path: str, real_root: str) -> tuple[str, int, tuple | None]:
             return path, 0, ("skipped", "", f"not a regular file ({_file_type(st.st_mode)})")
         return path, st.st_size, None
     except FileNotFoundError:
-        return path, 0, ("failed", "TASK_FILE_DOESNT_EXIST", "symbolic link to a missing target")
+        return path, 0, ("failed", FailureCause.TASK_FILE_DOESNT_EXIST, "symbolic link to a missing target")
     except OSError as exc:  # ELOOP: a link loop
-        return path, 0, ("failed", UNSAFE_PATH, f"symbolic link cannot be resolved ({exc.strerror})")
+        return path, 0, ("failed", FailureCause.UNSAFE_PATH, f"symbolic link cannot be resolved ({exc.strerror})")
 
 
 def _file_type(mode: int) -> str:

@@ -23,18 +23,15 @@ import shutil
 import tempfile
 import time
 from collections import deque
-from dataclasses import dataclass, field
 
 import av
 import numpy as np
 
 from models.detections import CLASSES
-from operators.anonymize import AnonymizeOptions
-from operators.causes import VIDEO_DEFECT
+from operators.rows import FailureCause, Status, failure_cause
 from operators.storage import filesystem, is_local, join
-from operators.video_frames import FrameLoop
+from operators.video_frames import FrameLoop, VideoOptions
 from operators.video_io import (
-    DEFAULT_CRF,
     MUXERS,
     VideoDefect,
     VideoInfo,
@@ -46,27 +43,12 @@ from operators.video_io import (
 )
 
 
-@dataclass
-class VideoOptions:
-    job_root: str
-    anonymize: AnonymizeOptions = field(default_factory=AnonymizeOptions)
-    crf: int = DEFAULT_CRF
-    keep_bit_rate: bool = False
-    tracking: bool = True
-    max_gap: int = 5  # frames a track may be missed and still be filled in
-    detect_every: int = 1
-    det_max_side: int = 2048
-    strip_metadata: str = "none"
-    debug: bool = False
-    storage_options: dict | None = None
-
-
 def process_videos(detector, batch: dict[str, np.ndarray], options: VideoOptions) -> dict[str, np.ndarray]:
     """Run the batch's pending video rows to the end (output written); the rest is left as is.
     Each video row gets status, failure_cause, error and its `video` JSON (info, detections)."""
     kinds = batch.get("kind")
     todo = [i for i in range(len(batch["item_id"]))
-            if kinds is not None and kinds[i] == "video" and batch["status"][i] == "pending"]
+            if kinds is not None and kinds[i] == "video" and batch["status"][i] == Status.PENDING]
     if not todo:
         return batch
     out = dict(batch)
@@ -100,8 +82,8 @@ def process_video(detector, row: dict, options: VideoOptions) -> dict:
     try:
         src = open_source(str(row["source_url"]), options.storage_options, data if row.get("member") else None)
     except Exception as exc:  # vanished, unreachable: the row says so, the job goes on
-        return result | {"status": "failed", "failure_cause": "TASK_FILE_DOESNT_EXIST" if isinstance(
-            exc, FileNotFoundError) else "INTERNAL_ERROR", "error": f"read failed: {exc!r}"[:500]}
+        return result | {"status": "failed", "failure_cause": failure_cause(exc),
+                         "error": f"read failed: {exc!r}"[:500]}
     with src:
         try:
             with open_container(src) as container:  # a first look: the rotation is on decoded frames only
@@ -109,7 +91,8 @@ def process_video(detector, row: dict, options: VideoOptions) -> dict:
             src.seek(0)
             container = open_container(src)
         except VideoDefect as exc:
-            return result | {"status": "failed", "failure_cause": VIDEO_DEFECT, "error": f"{row['rel_path']}: {exc}"}
+            return result | {"status": "failed", "failure_cause": FailureCause.VIDEO_DEFECT,
+                             "error": f"{row['rel_path']}: {exc}"}
         with container:
             result["info"] = probe(container).as_dict()
             if rotation is not None:
@@ -117,9 +100,11 @@ def process_video(detector, row: dict, options: VideoOptions) -> dict:
             try:
                 _transcode(detector, container, row, options, result)
             except VideoDefect as exc:
-                result.update(status="failed", failure_cause=VIDEO_DEFECT, error=f"{row['rel_path']}: {exc}")
+                result.update(status="failed", failure_cause=FailureCause.VIDEO_DEFECT,
+                              error=f"{row['rel_path']}: {exc}")
             except Exception as exc:  # one bad video must not take the actor's batch down
-                result.update(status="failed", failure_cause="INTERNAL_ERROR", error=f"video failed: {exc!r}"[:500])
+                result.update(status="failed", failure_cause=FailureCause.INTERNAL_ERROR,
+                              error=f"video failed: {exc!r}"[:500])
     result["t_ms"] = (time.perf_counter() - t0) * 1e3
     result["cpu_ms"] = (time.process_time() - cpu0) * 1e3
     return result

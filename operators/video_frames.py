@@ -14,19 +14,34 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
 import av
 import cv2
 import numpy as np
 
 from models.detections import CLASSES, Detections
-from operators.anonymize import anonymize, draw_debug
+from operators.anonymize import AnonymizeOptions, anonymize, draw_debug
 from operators.orientation import upright
 from operators.tracking import IoUTracker
+from operators.video_io import DEFAULT_CRF
 
-if TYPE_CHECKING:
-    from operators.video import VideoOptions
+
+@dataclass
+class VideoOptions:
+    """What the video stage does to each video (the JobSpec's share, jobs/stage_options.py)."""
+    job_root: str
+    anonymize: AnonymizeOptions = field(default_factory=AnonymizeOptions)
+    crf: int = DEFAULT_CRF
+    keep_bit_rate: bool = False
+    tracking: bool = True
+    max_gap: int = 5  # frames a track may be missed and still be filled in
+    detect_every: int = 1
+    det_max_side: int = 2048
+    strip_metadata: str = "none"
+    debug: bool = False
+    storage_options: dict | None = None
+
 
 # display rotation (counterclockwise) -> the EXIF orientation that shows the frame upright
 ROTATION_TO_EXIF = {0: 1, 90: 8, 180: 3, 270: 6}

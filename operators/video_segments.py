@@ -23,7 +23,7 @@ import tempfile
 import av
 import numpy as np
 
-from operators.causes import VIDEO_DEFECT
+from operators.rows import FailureCause, Status
 from operators.storage import filesystem, is_local, join
 from operators.video_io import MUXERS, open_container, open_source
 
@@ -106,7 +106,7 @@ def split_rows(batch: dict[str, np.ndarray], seconds: float, storage_options: di
 
 
 def _spans(batch: dict[str, np.ndarray], i: int, seconds: float, storage_options: dict | None) -> list:
-    if batch["kind"][i] != "video" or batch["status"][i] != "pending" or not batch["video"][i]:
+    if batch["kind"][i] != "video" or batch["status"][i] != Status.PENDING or not batch["video"][i]:
         return [(0.0, float("inf"))]
     duration = float(json.loads(batch["video"][i])["info"].get("duration_s") or 0)
     if duration < 1.5 * seconds:
@@ -161,8 +161,9 @@ def finish(parts: list[str], rel_path: str, job_root: str, storage_options: dict
         tracks += max((det[1] + 1 for det in dets), default=0)
     declared = int(merged["info"].get("frames") or 0)
     if not failed and declared and merged["frames"] < declared - 1:  # each segment only sees its own span
-        merged.update(status="failed", failure_cause=VIDEO_DEFECT, error=f"{rel_path}: truncated: {merged['frames']} "
-                      f"of the {declared} frames the header declares could be decoded")
+        merged.update(status="failed", failure_cause=FailureCause.VIDEO_DEFECT,
+                      error=f"{rel_path}: truncated: {merged['frames']} "
+                            f"of the {declared} frames the header declares could be decoded")
     if paths:
         merged.update(_join_to(paths, rel_path, job_root, storage_options))
     for d in docs:  # the segment files are scratch

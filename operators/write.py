@@ -20,7 +20,6 @@ import numpy as np
 from models.detections import CLASSES, Detections
 from models.runtime import release_freed_memory
 from operators.anonymize import AnonymizeOptions, anonymize, draw_debug
-from operators.causes import OUTPUT_PATH_ERROR
 from operators.codecs import (
     decode_full,
     encode,
@@ -30,6 +29,7 @@ from operators.codecs import (
     without_trailer,
 )
 from operators.manifest import DETECTIONS_SCHEMA, IMAGES_SCHEMA, batch_part_name, write_part
+from operators.rows import FailureCause, Status
 from operators.storage import is_no_space, join, write_atomic
 from operators.video import manifest_rows as video_manifest_rows
 from operators.video_metadata import video_metadata
@@ -110,9 +110,9 @@ def write_batch(batch: dict[str, np.ndarray], options: WriteOptions) -> dict[str
 def write_item(row: dict, options: WriteOptions) -> tuple[dict, Detections, np.ndarray]:
     """Anonymize and write one item; returns its manifest row, its detections and, per
     detection, whether it was anonymised (False inside an ignored area or with method detect)."""
-    dets = Detections.from_json(row.get("detections"))
+    dets = Detections.from_row(row)
     image_row = _image_row(row, options)
-    if row["status"] != "pending":
+    if row["status"] != Status.PENDING:
         return image_row, Detections.empty(), np.zeros(0, bool)
     t0 = time.perf_counter()
     data: bytes = row["data"]
@@ -175,8 +175,8 @@ def _write_failure(exc: Exception) -> dict:
     (too long, a file/folder clash) are OUTPUT_PATH_ERROR, the rest INTERNAL_ERROR."""
     why = PATH_ERRNOS.get(getattr(exc, "errno", None)) if isinstance(exc, OSError) else None
     if why:
-        return {"failure_cause": OUTPUT_PATH_ERROR, "error": f"{why}: {exc.filename!r}"[:1000]}
-    return {"failure_cause": "INTERNAL_ERROR", "error": f"write failed: {exc!r}"}
+        return {"failure_cause": FailureCause.OUTPUT_PATH_ERROR, "error": f"{why}: {exc.filename!r}"[:1000]}
+    return {"failure_cause": FailureCause.INTERNAL_ERROR, "error": f"write failed: {exc!r}"}
 
 
 def _stripped(data: bytes, fmt: str, strip: str) -> bytes:

@@ -94,7 +94,7 @@ def _row(tmp_path, data: bytes, name: str, dets: Detections) -> dict:
     (tmp_path / name).write_bytes(data)
     row = {"item_id": "x", "source_url": str(tmp_path / name), "member": "", "rel_path": name, "kind": "image"}
     row.update(prepare_item(row, None, 2048, 10**9))
-    row.update(detections=dets.to_json(), t_detect_ms=0.0)
+    row.update(dets.to_row(), t_detect_ms=0.0)
     return row
 
 

@@ -9,7 +9,8 @@ import zipfile
 import pytest
 from conftest import SHARED, count_s3_get_bytes
 
-from operators.archives import _CACHE, ArchiveOptions, expand_archive, read_member
+from operators.archive_open import _CACHE
+from operators.archives import ArchiveOptions, expand_archive, read_member
 from operators.sources import list_sources
 
 RAR = SHARED / "fixtures" / "rar"

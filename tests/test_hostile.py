@@ -23,9 +23,10 @@ from PIL import Image
 
 from jobs.run import run_job
 from jobs.spec import build_spec
-from operators.causes import CAUSES
+from models.detections import Detections
 from operators.detect import Detector
 from operators.prepare import DEFAULT_MAX_PIXELS, prepare_item
+from operators.rows import CAUSES
 from operators.sources import list_sources, refuse_collisions
 
 
@@ -134,7 +135,8 @@ def test_1_a_detector_error_fails_its_item_not_the_batch(face_jpeg):
     out = detector(rows_batch([good, bad, dict(good, item_id="c")]))
     assert list(out["status"]) == ["pending", "failed", "pending"]
     assert out["failure_cause"][1] == "DETECTION_ERROR" and "detection failed" in out["error"][1]
-    assert out["detections"][0] and out["detections"][0] == out["detections"][2]
+    found = [Detections.from_row({k: out[k][i] for k in out}) for i in range(3)]
+    assert len(found[0]) and found[0].boxes.tolist() == found[2].boxes.tolist() and not len(found[1])
 
 
 def _write_tmp(data: bytes) -> str:

@@ -144,10 +144,10 @@ def test_boxes_map_back_to_full_resolution_and_orientation():
 
 # --- detections, anonymize, codecs -----------------------------------------------------------
 
-def test_detections_json_round_trip_and_merge():
+def test_detections_row_round_trip_and_merge():
     d = Detections([[0, 0, 10, 10], [1, 1, 11, 11], [50, 50, 60, 60]], [0.9, 0.8, 0.7], [0, 0, 1],
                    details=["face", "face", "plate"], models=["m", "m", "p"])
-    back = Detections.from_json(d.to_json())
+    back = Detections.from_row(d.to_row())
     assert back.boxes.tolist() == d.boxes.tolist() and back.details == d.details
     merged = merge_per_class(d)
     assert len(merged) == 2 and merged.scores.tolist() == pytest.approx([0.9, 0.7])
@@ -172,7 +172,7 @@ def _prepared_row(tmp_path, data: bytes, dets: Detections) -> dict:
     row = {"item_id": "i1", "source_url": str(tmp_path / "src.jpg"), "member": "", "rel_path": "d/src.jpg",
            "kind": "image"}
     row.update(prepare_item(row, None, 2048, 10**9))
-    row.update(detections=dets.to_json(), t_detect_ms=1.0)
+    row.update(dets.to_row(), t_detect_ms=1.0)
     return row
 
 

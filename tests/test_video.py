@@ -292,7 +292,8 @@ def _plain_clip(path: Path, frames: int = 20, rotation: int = 0) -> None:
 
 @pytest.mark.parametrize("tracking", [True, False])
 def test_missed_frames_are_filled_only_with_tracking(tmp_path, tracking):
-    from operators.video import VideoOptions, process_video
+    from operators.video import process_video
+    from operators.video_frames import VideoOptions
 
     _plain_clip(tmp_path / "c.mp4", rotation=90)
     result = process_video(_Blinking({4, 5, 6}), {"source_url": str(tmp_path / "c.mp4"), "rel_path": "c.mp4",
@@ -306,7 +307,8 @@ def test_missed_frames_are_filled_only_with_tracking(tmp_path, tracking):
 
 
 def test_detect_every_runs_the_detector_on_every_nth_frame(tmp_path):
-    from operators.video import VideoOptions, process_video
+    from operators.video import process_video
+    from operators.video_frames import VideoOptions
 
     _plain_clip(tmp_path / "c.mkv")
     det = _Blinking(set())
@@ -334,7 +336,8 @@ def test_video_on_s3_is_listed_streamed_and_written(s3_endpoint, s3fs_client, tm
     """An S3 prefix: the video is listed as `video`, read through an fsspec file object (ranged
     reads), and its output put back to S3 whole."""
     from operators.sources import list_sources
-    from operators.video import VideoOptions, process_video
+    from operators.video import process_video
+    from operators.video_frames import VideoOptions
 
     s3fs_client.mkdir("vids")
     s3fs_client.put_file(str(clip_paths()["carphone_pristine.mp4"]), "vids/in/car.mp4")
@@ -353,7 +356,8 @@ def test_segments_cut_at_keyframes_and_join_to_the_same_frames(tmp_path):
     """bikes.mp4 (keyframes at 0, 1.2, 3.04, 5.48, 7.48, 9.68 s) in 2 s segments, each run on its
     own and joined by stream copy: the same frames at the same timestamps as a one-piece run,
     the same boxes, and pixels that differ by encoding noise only."""
-    from operators.video import VideoOptions, process_video
+    from operators.video import process_video
+    from operators.video_frames import VideoOptions
     from operators.video_segments import join_segments, keyframe_times, plan_segments
 
     src = str(clip_paths()["bikes.mp4"])
@@ -398,7 +402,8 @@ def test_tracking_crosses_segment_cuts(tmp_path):
     filled in by a whole run's tracker; the segments see the frames next to their span as context
     (detected and tracked, not written), so the segmented run boxes the same frames with the same
     boxes, and each segment decodes no further than the frames its tracker needs."""
-    from operators.video import VideoOptions, process_video
+    from operators.video import process_video
+    from operators.video_frames import VideoOptions
     from operators.video_segments import keyframe_times, plan_segments
 
     src = str(clip_paths()["bikes.mp4"])
@@ -429,7 +434,8 @@ def test_rotated_video_is_detected_upright_and_boxes_land_on_stored_pixels(tmp_p
     from models.fetch import prepared_weights
     from models.profiles import for_entries
     from operators.detect import Detector
-    from operators.video import VideoOptions, process_video
+    from operators.video import process_video
+    from operators.video_frames import VideoOptions
 
     entry = load_catalog()["centerface"]
     det = Detector([(entry.model_dump(), prepared_weights(entry))], ["face"],
@@ -516,7 +522,8 @@ class _Recording:
 
 @pytest.mark.parametrize("size, panorama", [((1920, 960), True), ((1920, 1080), False), ((1280, 640), False)])
 def test_360_video_frames_get_the_panorama_seam_handling(tmp_path, size, panorama):
-    from operators.video import VideoOptions, process_video
+    from operators.video import process_video
+    from operators.video_frames import VideoOptions
 
     w, h = size
     with av.open(str(tmp_path / "c.mp4"), "w") as out:

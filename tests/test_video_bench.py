@@ -18,7 +18,8 @@ from models.fetch import prepared_weights
 from models.profiles import for_entries
 from operators.detect import Detector
 from operators.tracking import IoUTracker
-from operators.video import VideoOptions, process_video
+from operators.video import process_video
+from operators.video_frames import VideoOptions
 
 
 def _detector(threshold: float) -> Detector:

@@ -69,13 +69,13 @@ def _view(request: Request, doc: dict) -> dict:
     service, out, task_id = get_service(request), public(doc), doc["id"]
     base = service.base_url(request)
     if doc["task_status"] == "new":
-        out["upload_url"] = service.link(base, f"/v2/upload/{task_id}", f"tasks/{task_id}/{UPLOAD}", "PUT",
-                                         doc["upload_expires"])
+        out["upload_url"] = service.links.link(base, f"/v2/upload/{task_id}", f"tasks/{task_id}/{UPLOAD}", "PUT",
+                                               doc["upload_expires"])
         return out
     expires = int(time.time()) + service.config.link_ttl_s
     for kind in doc.get("outputs") or []:
         relative = f"tasks/{task_id}/{OUTPUTS[kind].format(file=doc['file'])}"
-        out[f"{kind.replace('-', '_')}_url"] = service.link(base, DOWNLOAD + relative, relative, "GET", expires)
+        out[f"{kind.replace('-', '_')}_url"] = service.links.link(base, DOWNLOAD + relative, relative, "GET", expires)
     out["urls_expire_at"] = iso(expires)
     return out
 

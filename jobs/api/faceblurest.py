@@ -40,6 +40,7 @@ from jobs.spec import build_spec
 from models.detections import CLASSES
 from operators.codecs import decode_full, encode
 from operators.items import IMAGE_FORMATS, sniff_format
+from operators.rows import FailureCause
 
 router = APIRouter(tags=["FaceBlurest"])
 _basic = HTTPBasic(auto_error=False, scheme_name="FaceBlurestBasic")
@@ -139,7 +140,8 @@ def _blur(service: Service, photo: bytes, fmt: str) -> dict:
         spec = build_spec({"inputs": [str(Path(tmp) / name)], "output": tmp, "job_id": "faceblurest",
                            "face": True, "method": "blur", "debug": True})
         result = service.processor.process(spec, str(Path(tmp) / name), name, str(Path(tmp) / "faceblurest"))
-        if result.status == "failed" and result.failure_cause == "TOO_LARGE":  # a pixel bomb, from its header
+        # a pixel bomb, from its header
+        if result.status == "failed" and result.failure_cause == FailureCause.TOO_LARGE:
             raise _error(413, FaceBlurestError.TOO_LARGE, f"the photo cannot be used ({result.error})")
         if result.status != "done":
             raise _error(400, FaceBlurestError.INVALID_DATA, f"the photo cannot be used ({result.failure_cause})")

@@ -23,7 +23,7 @@ from urllib.parse import quote, urlencode
 
 import fsspec
 
-from operators.storage import filesystem
+from operators.storage import filesystem, join
 
 
 class LinkError(Exception):
@@ -39,9 +39,17 @@ def is_s3(url: str) -> bool:
 
 
 class Links:
-    def __init__(self, key: bytes, storage_options: dict | None = None):
+    def __init__(self, key: bytes, storage_options: dict | None = None, storage: str = ""):
         self.key = key
         self.storage_options = storage_options or {}
+        self.storage = storage  # the service's storage root: `link` presigns S3 objects under it
+
+    def link(self, base: str, route: str, relative: str, method: str, expires: int) -> str:
+        """An expiring URL to the storage object at `relative` (under the storage root): presigned S3
+        when the storage is S3, else `route` on this service (`base`), signed."""
+        if is_s3(self.storage):
+            return self.presigned(join(self.storage, relative), method, expires)
+        return self.signed(base, method, route, expires)
 
     def signature(self, method: str, path: str, expires: int) -> str:
         mac = hmac.new(self.key, f"{method.upper()} {path} {int(expires)}".encode(), hashlib.sha256).digest()

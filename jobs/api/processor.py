@@ -14,24 +14,34 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import CancelledError, Future
+from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass
 
 import numpy as np
 
+from jobs.api.pool import BACKGROUND, PriorityPool
+from jobs.pipeline import PREPARE_BATCH
 from jobs.spec import JobSpec
 from jobs.stage_options import video_options, write_options
 from models.adapters import adapter_class
 from models.catalog import ModelEntry
-from models.detections import CLASSES, Detections
+from models.detections import CLASSES, ROW_COLUMNS, Detections
 from models.fetch import prepared_weights
 from models.runtime import backend_for
 from operators.budget import Billing
 from operators.detect import Detector
 from operators.items import kind_of
 from operators.prepare import prepare_batch, prepare_item
+from operators.resume import ResumeState
+from operators.rows import Status
 from operators.storage import join
 from operators.video import process_videos
 from operators.write import WriteOptions, write_batch, write_item, write_video
+
+QUOTE_BYTES = 64 * 2**20  # the bytes a chunk of listed rows holds at most (solid archive members carry theirs)
 
 
 @dataclass
@@ -85,14 +95,14 @@ class ImageProcessor:
         """Read the original from the storage, detect, and write the outputs into `task_root`
         (images/, masks/, metadata/ as in a job's folder)."""
         row = {"item_id": os.path.basename(task_root), "source_url": original_url, "member": "", "rel_path": rel_path,
-               "kind": kind_of(rel_path), "status": "", "failure_cause": "", "error": ""}
+               "kind": kind_of(rel_path), "status": Status.UNDECIDED, "failure_cause": "", "error": ""}
         item = {**row, **prepare_item(row, spec.storage_options, spec.det_max_side,
                                       min(spec.max_pixels, self.max_pixels))}
         if item["kind"] == "video":
             return self._process_video(spec, item, task_root)
-        if item["status"] == "pending":
+        if item["status"] == Status.PENDING:
             detected = self.detector(spec)(rows_batch([item]))
-            item["detections"] = str(detected["detections"][0])
+            item.update({key: detected[key][0] for key in ROW_COLUMNS})
         # metadata/ names the upload, not where the server keeps it
         item["source_url"] = join("tasks", os.path.basename(task_root), "original", rel_path)
         options = write_options(spec, task_root, job_id=os.path.basename(task_root),
@@ -124,6 +134,59 @@ class ImageProcessor:
                               min(spec.max_pixels, self.max_pixels), billing)
         detector = self.detector(spec)
         return write_batch(detector(process_videos(detector, batch, video_options(spec, options.job_root))), options)
+
+
+class InProcessExecutor:
+    """A job's items in this process (jobs.run.Executor's signature): the pipeline's stage functions
+    (`ImageProcessor.run_batch`) on batches of PREPARE_BATCH rows, on the service's worker pool at
+    background priority, at most `workers` batches in flight: synchronous callers still go first, and
+    memory holds a few batches whatever the archive. `stopping` set: the next batch raises CancelledError."""
+
+    def __init__(self, processor: ImageProcessor, pool: PriorityPool, workers: int,
+                 rows: Callable[[JobSpec], Iterator[dict]], options: WriteOptions, billing: Billing,
+                 stopping: threading.Event):
+        self.processor, self.pool, self.workers, self.rows = processor, pool, workers, rows
+        self.options, self.billing, self.stopping = options, billing, stopping
+
+    def __call__(self, spec: JobSpec, resume: ResumeState) -> Iterator[dict]:
+        in_flight: deque[Future] = deque()
+        try:
+            todo = (r for r in self.rows(spec) if r["item_id"] not in resume.finished)
+            for batch in chunks(todo, PREPARE_BATCH, QUOTE_BYTES):
+                if self.stopping.is_set():
+                    raise CancelledError
+                in_flight.append(self.pool.submit(BACKGROUND, self.processor.run_batch, spec, batch, self.options,
+                                                  self.billing))
+                while len(in_flight) >= self.workers:
+                    yield self._result(in_flight.popleft())
+            while in_flight:
+                yield self._result(in_flight.popleft())
+        finally:  # stopped or failed: batches not started never run
+            for future in in_flight:
+                future.cancel()
+
+    def _result(self, future: Future) -> dict:
+        """A batch's stats; CancelledError when the server stops before the batch started (the pool
+        then never runs it, so waiting on it would hold the process open)."""
+        while True:
+            try:
+                return future.result(timeout=1.0)
+            except FuturesTimeout:
+                if self.stopping.is_set():
+                    future.cancel()
+
+
+def chunks(rows: Iterable[dict], max_rows: int, max_bytes: int) -> Iterator[list[dict]]:
+    """Lists of at most `max_rows` rows, cut early once the bytes the rows carry pass `max_bytes`."""
+    chunk, size = [], 0
+    for row in rows:
+        chunk.append(row)
+        size += len(row.get("data") or b"")
+        if len(chunk) >= max_rows or size >= max_bytes:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
 
 
 def rows_batch(rows: list[dict]) -> dict[str, np.ndarray]:

@@ -33,19 +33,18 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+from jobs.api.config import ServiceConfig
+from jobs.api.credits import Accounts
 from jobs.api.recovery import claim
 from jobs.job_store import JobNotFound
 from jobs.report import JobReport, now_iso
+from jobs.spec import JobSpec
 from jobs.submit import RayJobNotFound, latest_submission
 from operators.storage import filesystem, join, read_bytes, write_atomic
-
-if TYPE_CHECKING:
-    from jobs.api.config import ServiceConfig
-    from jobs.api.service_jobs import ServiceJobs
-    from jobs.spec import JobSpec
 
 log = logging.getLogger("veil.serve")
 
@@ -72,10 +71,23 @@ def service_spec(spec: JobSpec, config: ServiceConfig) -> JobSpec:
     return spec
 
 
+class JobBook(Protocol):
+    """What RayJobs uses of the service's jobs (service_jobs.ServiceJobs): their records and callbacks."""
+
+    output: str  # STORAGE/jobs
+    storage_options: dict
+
+    def load(self, job_id: str) -> dict: ...
+    def spec(self, doc: dict) -> JobSpec: ...
+    def report(self, doc: dict) -> JobReport: ...
+    def lock(self, job_id: str) -> threading.Lock: ...
+    def notify(self, job_id: str) -> None: ...
+
+
 class RayJobs:
-    def __init__(self, jobs: ServiceJobs, address: str):
-        self.jobs = jobs
-        self.address = address
+    def __init__(self, jobs: JobBook, config: ServiceConfig, accounts: Accounts, hooks: ThreadPoolExecutor):
+        self.jobs, self.config, self.accounts, self.hooks = jobs, config, accounts, hooks
+        self.address = config.ray_address
         self.storage_options = jobs.storage_options
         self._client = None
         self._client_lock = threading.Lock()  # held while a client connects: never with _watch_lock
@@ -123,7 +135,7 @@ class RayJobs:
                   "approved_by": doc.get("approved_by") or earlier.get("approved_by")}
         self._write(job_id, record)
         try:
-            spec = service_spec(self.jobs.spec(doc), self.jobs.service.config)
+            spec = service_spec(self.jobs.spec(doc), self.config)
             _, record["submission_id"] = submit(self.address, spec, {"approve": True})
         except Exception as exc:
             log.warning("job %s: not submitted to %s: %s", job_id, self.address, exc)
@@ -157,12 +169,12 @@ class RayJobs:
             if record["state"] == "submitting" and (doc.get("finished_at") or "") < record["at"]:
                 return doc  # an earlier attempt's end, read while this one is being submitted
             if doc["status"] == "done":
-                self.jobs.service.accounts.charge(doc["service"]["account"], job_id, doc["credits"]["total"])
+                self.accounts.charge(doc["service"]["account"], job_id, doc["credits"]["total"])
             won = claim(self._url(job_id, f"settled-{record['attempt']}"), self.storage_options,
                         {"status": doc["status"], "credits": doc["credits"]["total"] if doc["status"] == "done" else 0})
         if won:
             log.info("job %s: %s on the Ray cluster (attempt %d)", job_id, doc["status"], record["attempt"])
-            self.jobs.service.hooks.submit(self.jobs.notify, job_id)
+            self.hooks.submit(self.jobs.notify, job_id)
         return doc
 
     def _check_driver(self, doc: dict, record: dict) -> dict:

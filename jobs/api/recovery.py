@@ -28,15 +28,14 @@ import re
 import threading
 import time
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from jobs.api.params import ParamError
-from jobs.api.tasks import TaskNotFound
+from jobs.api.tasks import TaskNotFound, TaskStore
 from jobs.report import now_iso
+from jobs.spec import JobSpec
+from operators.rows import FailureCause
 from operators.storage import LOCAL_PROTOCOLS, filesystem
-
-if TYPE_CHECKING:
-    from jobs.api.service import Service
 
 log = logging.getLogger("veil.serve")
 
@@ -67,16 +66,35 @@ def claim(url: str, storage_options: dict | None = None, content: dict | None = 
         return True
 
 
+class TaskQueue(Protocol):
+    """What a sweep uses of the replica's image tasks (service.Service): its queue."""
+
+    mine: set[str]  # the tasks this replica has queued or is processing
+
+    def take_slot(self) -> bool: ...
+    def release_slot(self) -> None: ...
+    def queue(self, doc: dict, spec: JobSpec) -> None: ...
+    def task_spec(self, doc: dict) -> JobSpec: ...
+    def fail(self, doc: dict, cause: str, error: str) -> dict: ...
+
+
+class RayFollower(Protocol):
+    """What a sweep uses of the Syntonym jobs on a Ray cluster (ray_jobs.RayJobs)."""
+
+    def unsettled(self) -> list[str]: ...
+    def watch(self, job_id: str) -> None: ...
+
+
 class Recovery:
-    def __init__(self, service: Service):
-        self.service = service
-        self.after = max(0, int(service.config.requeue_after_s))
+    def __init__(self, requeue_after_s: float, store: TaskStore, tasks: TaskQueue, ray: RayFollower | None):
+        self.store, self.tasks, self.ray = store, tasks, ray
+        self.after = max(0, int(requeue_after_s))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         """Sweep now, then every `requeue_after_s` (10 min when only Ray jobs are followed)."""
-        if self.after or self.service.jobs.ray is not None:
+        if self.after or self.ray is not None:
             self._thread = threading.Thread(target=self._loop, name="veil-recovery", daemon=True)
             self._thread.start()
 
@@ -96,7 +114,7 @@ class Recovery:
         """One pass: {"requeued": task ids, "followed": job ids}."""
         requeued = [doc["id"] for doc in self.stale_tasks() if self.requeue(doc)] if self.after else []
         followed = []
-        ray = self.service.jobs.ray
+        ray = self.ray
         if ray is not None:
             for job_id in ray.unsettled():
                 ray.watch(job_id)
@@ -107,7 +125,7 @@ class Recovery:
 
     def stale_tasks(self) -> list[dict]:
         """Tasks left queued / processing for `requeue_after_s` by a replica that is not this one."""
-        store = self.service.store
+        store = self.store
         fs, root = filesystem(store.root, store.storage_options)
         fs.invalidate_cache(root)
         paths = fs.glob(root.rstrip("/") + "/*/task.json") if fs.exists(root) else []
@@ -119,33 +137,33 @@ class Recovery:
                 stale = datetime.fromisoformat(doc["updated"]).timestamp() < cutoff
             except (OSError, ValueError, KeyError, TypeError):
                 continue  # being replaced or deleted right now
-            if doc.get("task_status") in STRANDED and stale and doc.get("file") and doc["id"] not in self.service.mine:
+            if doc.get("task_status") in STRANDED and stale and doc.get("file") and doc["id"] not in self.tasks.mine:
                 out.append(doc)
         return out
 
     def requeue(self, doc: dict) -> bool:
         """Queue a stranded task on this replica, if this replica claims it first."""
-        service = self.service
-        if not service._take_slot():
+        tasks, store = self.tasks, self.store
+        if not tasks.take_slot():
             return False  # this replica's queue is full: the next sweep tries again
         stamp = re.sub(r"\D", "", doc["updated"])
         try:
-            if not claim(service.store.url(doc["id"], f"claims/requeue-{stamp}"), service.store.storage_options):
-                service._release_slot()
+            if not claim(store.url(doc["id"], f"claims/requeue-{stamp}"), store.storage_options):
+                tasks.release_slot()
                 return False
-            doc = service.store.load(doc["id"])
+            doc = store.load(doc["id"])
             if doc.get("task_status") not in STRANDED:
-                service._release_slot()
+                tasks.release_slot()
                 return False
-            spec = service.task_spec(doc)
+            spec = tasks.task_spec(doc)
         except TaskNotFound:
-            service._release_slot()
+            tasks.release_slot()
             return False
         except ParamError as exc:  # its parameters are no longer taken here
-            service._release_slot()
-            service.fail(doc, "PARAMETER_ERROR_FORMAT", str(exc))
+            tasks.release_slot()
+            tasks.fail(doc, FailureCause.PARAMETER_ERROR_FORMAT, str(exc))
             return False
         doc["requeued"] = int(doc.get("requeued") or 0) + 1  # the caller can see it was taken up again
         log.info("task %s: %s since %s, re-queued", doc["id"], doc["task_status"], doc["updated"])
-        service._submit(doc, spec)
+        tasks.queue(doc, spec)
         return True

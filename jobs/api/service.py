@@ -31,11 +31,13 @@ from fastapi.responses import Response
 from jobs.api.auth import Auth, AuthError
 from jobs.api.config import ServiceConfig  # re-exported: tests and app take it from here
 from jobs.api.credits import Accounts
-from jobs.api.links import LinkError, Links, is_s3
+from jobs.api.links import LinkError, Links
 from jobs.api.params import ParamError, build_task_spec, recorded
 from jobs.api.pool import BACKGROUND, WAITING, PriorityPool
 from jobs.api.processor import ImageProcessor, Processed
 from jobs.api.ratelimit import AuthThrottle, RateLimiter
+from jobs.api.recovery import Recovery
+from jobs.api.service_jobs import ServiceJobs
 from jobs.api.tasks import FILE_NAMES, OUTPUTS, TaskNotFound, TaskStore, public
 from jobs.api.uploads import UploadTooLarge, read_capped  # re-exported: the routers take them from here
 from jobs.report import iso, now_iso  # iso re-exported: the routers take it from here
@@ -43,6 +45,7 @@ from jobs.spec import JobSpec
 from jobs.webhook import post_report
 from operators.codecs import encode
 from operators.items import UnsafePath, safe_rel_path, sniff_format
+from operators.rows import FailureCause
 from operators.storage import filesystem, join, read_bytes
 
 log = logging.getLogger("veil.serve")
@@ -66,7 +69,7 @@ class Service:
         self.processor = ImageProcessor(config.device, max_pixels=config.max_pixels)
         self.pool = PriorityPool(config.workers)
         self.hooks = ThreadPoolExecutor(2, thread_name_prefix="veil-webhook")  # slow receivers never hold a worker
-        self.links = Links(self.auth.link_key, config.storage_options)
+        self.links = Links(self.auth.link_key, config.storage_options, config.storage)
         self.accounts = Accounts(config.storage, config.storage_options)
         self.limiter = RateLimiter(config.rate_limit_per_minute)
         self.auth_throttle = AuthThrottle(  # failed password checks: see ratelimit.py
@@ -75,12 +78,9 @@ class Service:
         self._lock = threading.Lock()
         self._task_locks = [threading.Lock() for _ in range(64)]  # striped: one upload check per task at a time
         self.mine: set[str] = set()  # tasks this replica has queued or is processing: never "stranded"
-
-        from jobs.api.recovery import Recovery
-        from jobs.api.service_jobs import ServiceJobs  # it drives this service's pool and processor
-
-        self.jobs = ServiceJobs(self)
-        self.recovery = Recovery(self)
+        # the parts, each handed what it uses (this object is the composition root, nothing reaches back into it)
+        self.jobs = ServiceJobs(config, self.auth, self.accounts, self.processor, self.pool, self.hooks, self.links)
+        self.recovery = Recovery(config.requeue_after_s, self.store, self, self.jobs.ray)
 
     def signed_in(self, token: str | None, error) -> str:
         """The user of a sign-in token (Celantur v1, container, v2), within the rate limit; else
@@ -167,14 +167,15 @@ class Service:
             fs.invalidate_cache(path.rsplit("/", 1)[0])  # a presigned PUT went around this process's listing cache
             if not fs.exists(path):
                 if time.time() > doc["upload_expires"]:
-                    return self.fail(doc, "TASK_FILE_DOESNT_EXIST", "nothing was uploaded before upload_expires_at")
+                    return self.fail(doc, FailureCause.TASK_FILE_DOESNT_EXIST,
+                                     "nothing was uploaded before upload_expires_at")
                 return doc
             info = fs.info(path)
             declared = (declared if declared is not None else str(info.get("ContentType") or ""))
             declared = declared.split(";")[0].strip().lower()
             if int(info["size"]) > self.config.max_upload_bytes:
                 fs.rm(path)
-                return self.fail(doc, "TOO_LARGE", f"the upload is {info['size']} bytes, over the "
+                return self.fail(doc, FailureCause.TOO_LARGE, f"the upload is {info['size']} bytes, over the "
                                                    f"{self.config.max_upload_bytes} byte limit")
             found = sniff_format(fs.cat_file(path, start=0, end=16))
             # an image type declared must be the one found; other types (curl's form default, S3's
@@ -182,19 +183,20 @@ class Service:
             claimed = declared.startswith("image/")
             if found not in FILE_NAMES or (claimed and CONTENT_TYPES.get(declared) != found):
                 fs.rm(path)  # refused: nothing of it is kept
-                return self.fail(doc, "CONTENT_TYPE_ERROR", f"the upload holds {found or 'no supported image'}"
+                return self.fail(doc, FailureCause.CONTENT_TYPE_ERROR,
+                                 f"the upload holds {found or 'no supported image'}"
                                  + (f", declared {declared}" if claimed else "") + "; JPEG or PNG expected")
-            if not self._take_slot():
+            if not self.take_slot():
                 raise Busy(f"{self.config.max_queue} tasks are waiting on this server; try again later")
             try:
                 file = FILE_NAMES[found]
                 doc.update(file=file, content_type=f"image/{found}", size=int(info["size"]))
                 spec = self.task_spec(doc)
             except ParamError as exc:
-                self._release_slot()
-                return self.fail(doc, "PARAMETER_ERROR_FORMAT", str(exc))
+                self.release_slot()
+                return self.fail(doc, FailureCause.PARAMETER_ERROR_FORMAT, str(exc))
             fs.mv(path, filesystem(self.store.url(doc["id"], f"original/{file}"), self.config.storage_options)[1])
-            self._submit(doc, spec)
+            self.queue(doc, spec)
             return doc
 
     def fail(self, doc: dict, cause: str, error: str) -> dict:
@@ -212,13 +214,6 @@ class Service:
     # --- expiring links (links.py) ---
     def base_url(self, request: Request) -> str:
         return self.config.public_url or str(request.base_url)
-
-    def link(self, base: str, route: str, relative: str, method: str, expires: int) -> str:
-        """An expiring URL to the storage object at `relative` (under the storage root): presigned S3
-        when the storage is S3, else `route` on this service, signed."""
-        if is_s3(self.config.storage):
-            return self.links.presigned(join(self.config.storage, relative), method, expires)
-        return self.links.signed(base, method, route, expires)
 
     def signed_file(self, prefix: str, path: str) -> tuple[bytes, str]:
         """(bytes, media type) behind a verified download link: `path` is the route (`prefix` + the
@@ -244,31 +239,33 @@ class Service:
 
     def enqueue(self, doc: dict, spec: JobSpec) -> dict:
         """Queue for the pool and return at once (an asynchronous call); Busy past max_queue."""
-        if not self._take_slot():
+        if not self.take_slot():
             self.store.delete(doc["id"])  # refused: keep no upload the caller was told we did not take
             raise Busy(f"{self.config.max_queue} tasks are waiting on this server; try again later")
-        self._submit(doc, spec)
+        self.queue(doc, spec)
         return doc
 
-    def _take_slot(self) -> bool:
+    def take_slot(self) -> bool:
+        """A place in the queue of asynchronous tasks (False: max_queue are waiting); queue() uses it."""
         with self._lock:
             if self._waiting >= self.config.max_queue:
                 return False
             self._waiting += 1
             return True
 
-    def _release_slot(self) -> None:
+    def release_slot(self) -> None:
         with self._lock:
             self._waiting -= 1
 
-    def _submit(self, doc: dict, spec: JobSpec) -> None:
+    def queue(self, doc: dict, spec: JobSpec) -> None:
+        """`queued`, and on the pool at background priority; the caller took a slot (take_slot)."""
         doc["task_status"] = "queued"
         self.mine.add(doc["id"])
         self.store.save(doc)
         self.pool.submit(BACKGROUND, self._queued, doc["id"], spec)
 
     def _queued(self, task_id: str, spec: JobSpec) -> None:
-        self._release_slot()
+        self.release_slot()
         try:
             doc = self.store.load(task_id)
         except TaskNotFound:
@@ -296,7 +293,7 @@ class Service:
             self._record(doc, spec, result)
         except Exception as exc:  # a model or storage failure fails the task, not the server
             log.exception("task %s failed", doc["id"])
-            doc.update(task_status="failed", failure_cause="INTERNAL_ERROR", error=f"{type(exc).__name__}")
+            doc.update(task_status="failed", failure_cause=FailureCause.INTERNAL_ERROR, error=f"{type(exc).__name__}")
         doc["finished"] = now_iso()
         if not self.store.exists(doc["id"]):
             self.store.delete(doc["id"])  # deleted while it ran: leave none of its files behind

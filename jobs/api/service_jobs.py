@@ -15,14 +15,14 @@ approved by itself.
 Where the images are processed, and why not `jobs.run.run_job` on a local Ray: a service replica
 already holds the models and a bounded pool of `workers` threads that every request shares; a Ray
 session per replica would load the models a second time, compete with it for the same cores, and
-run one job at a time (`ray_session` shuts Ray down when its job ends). So a job here runs the Ray
-pipeline's own stage functions (prepare_batch -> Detector -> write_batch, `ImageProcessor.run_batch`)
-on batches of 4 items, on the same pool at asynchronous priority, with at most `workers` batches in
-flight: synchronous callers still go first, and memory holds a few batches whatever the archive.
-Archives are walked lazily (`operators.archives.expand_rows`, a generator: zip members are read by
-ranged reads when their batch is prepared, members of solid blocks one at a time as the walk reaches
-them), for the quote and for the run alike. What comes out is a veil job (manifest, job.json,
-outputs); its totals and credits come from the manifest (`jobs.run.finish`), as for `veil run`.
+run one job at a time (`ray_session` shuts Ray down when its job ends). So a job here goes through
+`jobs.run.execute`, the path `veil run` takes (resume -> process -> finish), with the in-process
+executor (`jobs.api.processor.InProcessExecutor`: the Ray pipeline's own stage functions on batches of
+4 items, on the same pool at asynchronous priority, at most `workers` batches in flight) in place of
+the Ray one. Archives are walked lazily (`operators.archives.expand_rows`, a generator: zip members
+are read by ranged reads when their batch is prepared, members of solid blocks one at a time as the
+walk reaches them), for the quote and for the run alike. What comes out is a veil job (manifest,
+job.json, outputs); its totals and credits come from the manifest (`jobs.run.finish`), as for `veil run`.
 With `ray_address` (`veil serve --ray-address`) none of this runs here: an approved job is submitted
 to that Ray cluster as a `veil run` (ray_jobs.py), and settled when any replica sees it end.
 """
@@ -34,23 +34,22 @@ import logging
 import secrets
 import threading
 import time
-from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FuturesTimeout
-from typing import TYPE_CHECKING
 
-from jobs.api.auth import ApiKey
-from jobs.api.credits import InsufficientCredits
-from jobs.api.pool import BACKGROUND
+from jobs.api.auth import ApiKey, Auth
+from jobs.api.config import ServiceConfig
+from jobs.api.credits import Accounts, InsufficientCredits
+from jobs.api.links import Links
+from jobs.api.pool import PriorityPool
+from jobs.api.processor import QUOTE_BYTES, ImageProcessor, InProcessExecutor, chunks
 from jobs.api.ray_jobs import RayJobs
 from jobs.api.tasks import TASK_ID
 from jobs.job_store import JobBusy, JobNotFound, delete_job, syntonym_report
-from jobs.pipeline import PREPARE_BATCH
 from jobs.pricing import load_pricing
 from jobs.quote import quote_items
 from jobs.report import JobReport, Totals, iso, now_iso, try_load_report
-from jobs.run import finish
+from jobs.run import execute
 from jobs.spec import JobSpec, build_spec
 from jobs.stage_options import archive_options, write_options
 from jobs.webhook import post_report
@@ -60,19 +59,17 @@ from operators.resume import resume_state
 from operators.sources import list_sources
 from operators.storage import filesystem, join, read_bytes, write_atomic
 
-if TYPE_CHECKING:
-    from jobs.api.service import Service
-
 log = logging.getLogger("veil.serve")
 
 ENDED = ("done", "failed", "cancelled")
-QUOTE_ROWS, QUOTE_BYTES = 64, 64 * 2**20  # a quote holds this many listed rows at most (solid members carry bytes)
+QUOTE_ROWS = 64  # a quote holds this many listed rows at most (and QUOTE_BYTES: solid members carry bytes)
 
 
 class ServiceJobs:
-    def __init__(self, service: Service):
-        self.service = service
-        config = service.config
+    def __init__(self, config: ServiceConfig, auth: Auth, accounts: Accounts, processor: ImageProcessor,
+                 pool: PriorityPool, hooks: ThreadPoolExecutor, links: Links):
+        self.config, self.auth, self.accounts, self.links = config, auth, accounts, links
+        self.processor, self.pool, self.hooks = processor, pool, hooks  # the service's: shared with image tasks
         self.output = join(config.storage, "jobs")
         self.uploads = join(config.storage, "uploads")
         self.storage_options = config.storage_options
@@ -83,7 +80,7 @@ class ServiceJobs:
         self._locks = [threading.Lock() for _ in range(64)]  # striped: one state change per job at a time
         self._stopping = threading.Event()
         self._queued: dict[str, Future] = {}  # jobs this replica queued and has not finished
-        self.ray = RayJobs(self, config.ray_address) if config.ray_address else None  # where approved jobs run
+        self.ray = RayJobs(self, config, accounts, hooks) if config.ray_address else None  # where approved jobs run
 
     def close(self) -> None:
         """Running jobs end `cancelled` at their next batch; queued ones are marked so now: either
@@ -153,7 +150,7 @@ class ServiceJobs:
     def key_of(self, doc: dict) -> ApiKey | None:
         """The API key entry the job is billed to (None once it left the users file)."""
         account = doc["service"]["account"]
-        return next((k for k in self.service.auth.api_keys.values() if k.account == account), None)
+        return next((k for k in self.auth.api_keys.values() if k.account == account), None)
 
     # --- uploads in, quote, approval ---
     def refresh(self, doc: dict) -> dict:
@@ -181,7 +178,7 @@ class ServiceJobs:
                 report.set("awaiting_approval", waiting)
                 return report.doc
             try:
-                self.service.accounts.reserve(key.account, key.credits, job_id, quote["credits"])
+                self.accounts.reserve(key.account, key.credits, job_id, quote["credits"])
             except InsufficientCredits as exc:
                 report.set("awaiting_approval", f"{waiting}; {exc}")
                 return report.doc
@@ -238,7 +235,7 @@ class ServiceJobs:
             key = self.key_of(doc)
             if key is None:
                 raise InsufficientCredits("the API key this job is billed to is no longer valid")
-            self.service.accounts.reserve(key.account, key.credits, job_id, doc["quote"]["credits"])
+            self.accounts.reserve(key.account, key.credits, job_id, doc["quote"]["credits"])
             report.doc.update(approved_at=now_iso(), approved_by="api_key")
             self._queue(report, f"approved: {doc['quote']['credits']:g} credits reserved")
             return "approved", report.doc
@@ -262,30 +259,21 @@ class ServiceJobs:
         if doc["status"] != "queued":
             return
         report = self.report(doc)
-        run, started, started_at = Totals(), time.monotonic(), now_iso()
-        processor, pool, in_flight = self.service.processor, self.service.pool, deque()
+        run, started_at = Totals(), now_iso()
         try:
             spec = self.spec(doc)
             root = doc["outputs"]["root"]
             resume = resume_state(root, False, self.storage_options)  # a resumed job keeps what it finished
-            options = write_options(spec, root, job_id=job_id, storage_options=self.storage_options)
-            billing = Billing(self.pricing, spec.resolve_models()[0])
+            executor = InProcessExecutor(
+                self.processor, self.pool, self.config.workers, self.rows,
+                write_options(spec, root, job_id=job_id, storage_options=self.storage_options),
+                Billing(self.pricing, spec.resolve_models()[0]), self._stopping)
             expected = int((doc.get("quote") or {}).get("items", 0)) - len(resume.finished)
             report.set("processing", f"0 of {expected} items", started_at=doc.get("started_at") or started_at)
-            todo = (r for r in self.rows(spec) if r["item_id"] not in resume.finished)
-            for batch in chunks(todo, PREPARE_BATCH, QUOTE_BYTES):
-                if self._stopping.is_set():
-                    raise CancelledError
-                in_flight.append(pool.submit(BACKGROUND, processor.run_batch, spec, batch, options, billing))
-                while len(in_flight) >= self.service.config.workers:
-                    run.add(self._result(in_flight.popleft()))
-                    report.progress(run, expected, started)
-            while in_flight:
-                run.add(self._result(in_flight.popleft()))
-            finish(report, spec, self.pricing, run, time.monotonic() - started, started_at)
+            started = time.monotonic()
+            execute(spec, report, self.pricing, executor, resume, run, started_at,
+                    on_batch=lambda totals: report.progress(totals, expected, started))
         except BaseException as exc:  # whatever stops it, the job's status says so
-            for future in in_flight:
-                future.cancel()
             stopped = isinstance(exc, CancelledError) or self._stopping.is_set()
             if not stopped:
                 log.exception("job %s failed", job_id)
@@ -295,31 +283,21 @@ class ServiceJobs:
                        finished_at=now_iso())
         else:
             # the charge replaces the reservation: the credits of the items that ended done, once
-            self.service.accounts.charge(doc["service"]["account"], job_id, report.doc["credits"]["total"])
+            self.accounts.charge(doc["service"]["account"], job_id, report.doc["credits"]["total"])
         self.notify(job_id)
-
-    def _result(self, future: Future) -> dict:
-        """A batch's stats; CancelledError when the server stops before the batch started (the pool
-        then never runs it, so waiting on it would hold the process open)."""
-        while True:
-            try:
-                return future.result(timeout=1.0)
-            except FuturesTimeout:
-                if self._stopping.is_set():
-                    future.cancel()
 
     # --- results ---
     def result(self, doc: dict, base: str) -> dict:
         """Syntonym's JobReport (jobs.job_store.syntonym_report), with expiring download links in
         place of storage locations, which stay inside the service."""
         out = syntonym_report(doc, self.storage_options)
-        expires = int(time.time()) + self.service.config.link_ttl_s
+        expires = int(time.time()) + self.config.link_ttl_s
         for task in out["tasks"]:
             task["source"] = task["file_name"]
             done = task["task_status"] == "done" and task["output_location"]
             relative = f"jobs/{doc['job_id']}/images/{task['file_name']}"
             task["output_location"] = task["download_url"] = (
-                self.service.link(base, f"/syntonym/download/{relative}", relative, "GET", expires) if done else None)
+                self.links.link(base, f"/syntonym/download/{relative}", relative, "GET", expires) if done else None)
         quote = doc.get("quote") or {}
         out.update(job_quoted_credit_cost=quote.get("credits"), files=doc["service"]["files"],
                    created_at=doc.get("created_at"), finished_at=doc.get("finished_at"),
@@ -336,7 +314,7 @@ class ServiceJobs:
                      self.storage_options)
         ended = self.load(job_id)["status"] in ENDED
         if ended and (self.ray is None or self.ray.settled(job_id)):  # else whoever settles it calls back
-            self.service.hooks.submit(self.notify, job_id)
+            self.hooks.submit(self.notify, job_id)
         return {"job_id": job_id, "callback_url": url, "registered": True}
 
     def notify(self, job_id: str) -> None:
@@ -350,7 +328,7 @@ class ServiceJobs:
             return
         if doc["status"] not in ENDED:
             return
-        base = self.service.config.public_url or doc["service"]["base_url"]
+        base = self.config.public_url or doc["service"]["base_url"]
         outcome = post_report(callback["url"], self.result(doc, base))
         log.info("job %s callback %s after %s attempt(s)", job_id, outcome["status"], outcome["attempts"])
         callback["outcome"] = {**outcome, "event": doc["status"]}
@@ -371,21 +349,8 @@ class ServiceJobs:
             fs, path = filesystem(join(self.uploads, job_id), self.storage_options)
             if fs.exists(path):
                 fs.rm(path, recursive=True)
-            self.service.accounts.release(doc["service"]["account"], job_id)
+            self.accounts.release(doc["service"]["account"], job_id)
         return {**deleted, "service": doc["service"]}  # a Ray job's job.json has no service part of its own
-
-
-def chunks(rows: Iterable[dict], max_rows: int, max_bytes: int) -> Iterator[list[dict]]:
-    """Lists of at most `max_rows` rows, cut early once the bytes the rows carry pass `max_bytes`."""
-    chunk, size = [], 0
-    for row in rows:
-        chunk.append(row)
-        size += len(row.get("data") or b"")
-        if len(chunk) >= max_rows or size >= max_bytes:
-            yield chunk
-            chunk, size = [], 0
-    if chunk:
-        yield chunk
 
 
 __all__ = ["JobBusy", "JobNotFound", "ServiceJobs", "chunks"]

@@ -188,8 +188,8 @@ async def create_upload_session(request: Request, session: UploadSession,
     job_id, base = doc["job_id"], service.base_url(request)
     expires = int(time.time()) + service.config.upload_ttl_s
     urls = [{"file_name": n, "method": "PUT", "expires_at": iso(expires),
-             "upload_url": service.link(base, f"/syntonym/upload/{job_id}/{n}", service.jobs.upload_object(job_id, n),
-                                        "PUT", expires)} for n in names]
+             "upload_url": service.links.link(base, f"/syntonym/upload/{job_id}/{n}",
+                                              service.jobs.upload_object(job_id, n), "PUT", expires)} for n in names]
     return _summary(doc, upload_urls=urls)
 
 
