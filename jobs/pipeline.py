@@ -322,9 +322,9 @@ def build_dataset(
             "model_refs": model_refs,
             "classes": classes,
             "profile": spec.detection_profile().model_dump(),
-            "device": res.backend,
+            "backend": res.backend,
             "threads": res.threads_per_actor,
-            "format": spec.detect_format(),
+            "tiling": spec.detect_tiling(),
             "video": video_options(spec, job_root),
         },
     )

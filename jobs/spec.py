@@ -51,7 +51,7 @@ class IgnoreArea(BaseModel):
 
 TileCount = Annotated[int, Field(ge=1, le=32)]
 TileOverlap = Annotated[float, Field(ge=0.0, le=0.5)]
-FORMAT_PRESETS = ("whole", "auto", "panorama")
+TILING_PRESETS = ("whole", "auto", "panorama")
 FORMAT_HELP = 'whole, auto, panorama or {"number": [nx, ny], "overlap": [ox, oy]}'
 
 
@@ -175,7 +175,7 @@ class JobSpec(BaseModel):
             except json.JSONDecodeError as exc:
                 raise ValueError(f"not valid JSON ({exc.msg}); expected {FORMAT_HELP}") from None
         if isinstance(v, str):
-            if v.strip().lower() not in FORMAT_PRESETS:
+            if v.strip().lower() not in TILING_PRESETS:
                 raise ValueError(f"must be {FORMAT_HELP}")
             return v.strip().lower()
         if isinstance(v, dict):
@@ -230,7 +230,7 @@ class JobSpec(BaseModel):
             ignores=[(a.topLeftX, a.topLeftY, a.width, a.height) for a in self.ignores],
         )
 
-    def detect_format(self) -> str | dict:
+    def detect_tiling(self) -> str | dict:
         """`format` as the Detector takes it: a preset name or {"number": [..], "overlap": [..]}."""
         return self.format if isinstance(self.format, str) else self.format.model_dump(mode="json")
 

@@ -21,7 +21,7 @@ CLASSES: tuple[str, ...] = ("face", "license_plate", "person", "vehicle")
 class Detections:
     boxes: np.ndarray  # (N, 4) float32, x1 y1 x2 y2 pixels
     scores: np.ndarray  # (N,) float32
-    classes: np.ndarray  # (N,) int16, index into CLASSES
+    class_ids: np.ndarray  # (N,) int16, index into CLASSES
     details: list[str] = field(default_factory=list)  # source class, e.g. "car"; "" if none
     models: list[str] = field(default_factory=list)  # catalog name of the model that found it
     tiles: np.ndarray | None = None  # (N,) int16, tile index the box came from (-1 = whole image)
@@ -33,7 +33,7 @@ class Detections:
         n = len(self.boxes)
         self.boxes = np.asarray(self.boxes, dtype=np.float32).reshape(n, 4)
         self.scores = np.asarray(self.scores, dtype=np.float32).reshape(n)
-        self.classes = np.asarray(self.classes, dtype=np.int16).reshape(n)
+        self.class_ids = np.asarray(self.class_ids, dtype=np.int16).reshape(n)
         self.details = list(self.details) if self.details else [""] * n
         self.models = list(self.models) if self.models else [""] * n
         self.tiles = (
@@ -50,7 +50,7 @@ class Detections:
 
     @property
     def class_names(self) -> list[str]:
-        return [CLASSES[c] for c in self.classes]
+        return [CLASSES[c] for c in self.class_ids]
 
     def select(self, keep: np.ndarray) -> Detections:
         """Rows where `keep` (bool mask or index array) holds."""
@@ -58,7 +58,7 @@ class Detections:
         return Detections(
             self.boxes[idx],
             self.scores[idx],
-            self.classes[idx],
+            self.class_ids[idx],
             [self.details[i] for i in idx],
             [self.models[i] for i in idx],
             self.tiles[idx],
@@ -71,7 +71,7 @@ class Detections:
         polygons = [
             [v * sx + dx if k % 2 == 0 else v * sy + dy for k, v in enumerate(p)] for p in self.polygons
         ]
-        return Detections(boxes, self.scores, self.classes, self.details, self.models, self.tiles, polygons)
+        return Detections(boxes, self.scores, self.class_ids, self.details, self.models, self.tiles, polygons)
 
     def clipped(self, width: int, height: int) -> Detections:
         boxes = self.boxes.copy()
@@ -82,7 +82,7 @@ class Detections:
             [min(max(v, 0.0), width if k % 2 == 0 else height) for k, v in enumerate(p)] for p in self.polygons
         ]
         return Detections(
-            boxes, self.scores, self.classes, self.details, self.models, self.tiles, polygons
+            boxes, self.scores, self.class_ids, self.details, self.models, self.tiles, polygons
         ).select(keep)
 
     @staticmethod
@@ -93,7 +93,7 @@ class Detections:
         return Detections(
             np.concatenate([p.boxes for p in parts]),
             np.concatenate([p.scores for p in parts]),
-            np.concatenate([p.classes for p in parts]),
+            np.concatenate([p.class_ids for p in parts]),
             [d for p in parts for d in p.details],
             [m for p in parts for m in p.models],
             np.concatenate([p.tiles for p in parts]),
@@ -106,7 +106,7 @@ class Detections:
         return {
             "dets_boxes": np.round(self.boxes, 2),
             "dets_scores": np.round(self.scores, 4),
-            "dets_class_ids": self.classes.copy(),
+            "dets_class_ids": self.class_ids.copy(),
             "dets_tiles": self.tiles.copy(),
             "dets_details": [str(d) for d in self.details],
             "dets_models": [str(m) for m in self.models],
@@ -166,7 +166,7 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
 def merge_per_class(dets: Detections, iou_threshold: float = 0.4) -> Detections:
     """NMS within each class: merges duplicates from tiles, scales and models."""
     kept = []
-    for c in np.unique(dets.classes):
-        idx = np.flatnonzero(dets.classes == c)
+    for c in np.unique(dets.class_ids):
+        idx = np.flatnonzero(dets.class_ids == c)
         kept.extend(idx[nms(dets.boxes[idx], dets.scores[idx], iou_threshold)])
     return dets.select(np.sort(np.asarray(kept, dtype=np.int64)))

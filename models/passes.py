@@ -139,7 +139,7 @@ def combine_passes(per_pass: list[Detections], mode: str = "mean", iou: float = 
         if used[i]:
             continue
         best = np.zeros(len(per_pass), np.float32)
-        members = np.flatnonzero(~used & (ious[i] >= iou) & (allp.classes == allp.classes[i]))
+        members = np.flatnonzero(~used & (ious[i] >= iou) & (allp.class_ids == allp.class_ids[i]))
         for m in members:
             best[pass_of[m]] = max(best[pass_of[m]], allp.scores[m])
         used[members] = True

@@ -58,14 +58,14 @@ def backend_for(device: str, cpu_backend: str = "auto") -> str:
     return cpu_backend
 
 
-def make_session(model_bytes: bytes, device: str = "cpu", threads: int = 0):
-    """A session over in-memory weights on backend `device` (BACKENDS: cpu is ONNX Runtime's CPU
+def make_session(model_bytes: bytes, backend: str = "cpu", threads: int = 0):
+    """A session over in-memory weights on `backend` (BACKENDS: cpu is ONNX Runtime's CPU
     provider; openvino computes in bf16 where the CPU does so natively, openvino-f32 never).
     `threads`: intra-op threads (0: the runtime decides)."""
-    if device.startswith("openvino"):
-        return OpenVinoSession(model_bytes, threads, "f32" if device == "openvino-f32" else "auto")
-    if device not in BACKENDS:
-        raise ValueError(f"unknown inference backend {device!r}; known: {BACKENDS}")
+    if backend.startswith("openvino"):
+        return OpenVinoSession(model_bytes, threads, "f32" if backend == "openvino-f32" else "auto")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown inference backend {backend!r}; known: {BACKENDS}")
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = threads
@@ -79,7 +79,7 @@ def make_session(model_bytes: bytes, device: str = "cpu", threads: int = 0):
     # Idle intra-op threads spin by default; on a node whose cores the decode/encode tasks share,
     # that spinning takes CPU from them.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model_bytes, sess_options=opts, providers=providers_for(device))
+    return ort.InferenceSession(model_bytes, sess_options=opts, providers=providers_for(backend))
 
 
 def _libc_trim():

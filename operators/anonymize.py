@@ -89,7 +89,7 @@ def anonymize(image: np.ndarray, dets: Detections, opts: AnonymizeOptions | None
     anonymised = np.array([not _inside_ignores(b, opts.ignores) for b in dets.boxes], dtype=bool)
     binary = np.zeros((height, width), np.uint8) if masks else None
     instance = np.zeros((height, width, 3), np.uint8) if masks else None
-    for j, (box, cls_id) in enumerate(zip(dets.boxes, dets.classes, strict=True)):
+    for j, (box, cls_id) in enumerate(zip(dets.boxes, dets.class_ids, strict=True)):
         if not anonymised[j]:
             continue
         cls = CLASSES[cls_id]
@@ -150,7 +150,7 @@ def draw_debug(image: np.ndarray, dets: Detections, scores: bool = False) -> np.
     colours = {"face": (0, 0, 255), "license_plate": (0, 255, 255), "person": (0, 255, 0), "vehicle": (255, 0, 0)}
     out = np.ascontiguousarray(image.copy())
     thick = max(1, round(max(image.shape[:2]) / 800))
-    for box, cls_id, score in zip(dets.boxes, dets.classes, dets.scores, strict=True):
+    for box, cls_id, score in zip(dets.boxes, dets.class_ids, dets.scores, strict=True):
         colour = colours[CLASSES[cls_id]]
         if out.ndim == 2:
             colour = 255

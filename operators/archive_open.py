@@ -1,6 +1,6 @@
 """Open an archive for reading, wherever it is: a local file, or ranged reads through fsspec (a
 remote RAR the extraction tool needs is copied to a temp folder first); the reader for its format
-(`BACKENDS`); a small per-process cache of open archives, so the members of one archive that land on
+(`READERS`); a small per-process cache of open archives, so the members of one archive that land on
 the same worker share one header read. operators/archives.py expands and reads members through it."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ DEFAULT_MAX_MEMBER_BYTES = 2 * GiB
 DEFAULT_MAX_ARCHIVE_BYTES = 1024 * GiB
 DEFAULT_MAX_COMPRESSION_RATIO = 100.0  # JPEG ~1, PNG/BMP street scenes < 10; deflate bombs ~1000
 READ_BLOCK = 64 * 1024  # fsspec readahead for header reads (zipfile reads a whole central directory at once)
-BACKENDS = {"zip": ZipArchive, "7z": SevenZipArchive, "rar": RarArchive}
+READERS = {"zip": ZipArchive, "7z": SevenZipArchive, "rar": RarArchive}
 
 
 @dataclass(frozen=True)
@@ -37,11 +37,11 @@ class ArchiveOptions:
     storage_options: dict = field(default_factory=dict)
 
 
-def open_backend(fmt: str, src, password: str = "", fetch=None):
+def open_reader(fmt: str, src, password: str = "", fetch=None):
     """The reader for `fmt` over `src` (a seekable file, or a local path for RAR). A zip whose
     central directory cannot be read is walked by its local headers instead (ScannedZip)."""
     if fmt != "zip":
-        return BACKENDS[fmt](src, password)
+        return READERS[fmt](src, password)
     try:
         return ZipArchive(src, password, fetch=fetch)
     except zipfile.BadZipFile:
@@ -68,14 +68,14 @@ class OpenArchive:
         try:
             if fmt == "rar" and local:  # the tool reads the file itself; volumes are found beside it
                 self.close()
-                self.handle = BACKENDS[fmt](path, options.password)
+                self.handle = READERS[fmt](path, options.password)
             elif fmt == "zip":
-                self.handle = open_backend(fmt, f, options.password, fetch=_ranged(fs, path))
+                self.handle = open_reader(fmt, f, options.password, fetch=_ranged(fs, path))
             else:
-                self.handle = BACKENDS[fmt](f, options.password)
+                self.handle = READERS[fmt](f, options.password)
             if fmt == "rar" and not local and (rar_volume_number(path) or (spill_solid and self.handle.solid)):
                 self.handle.close()
-                self.handle = BACKENDS[fmt](self._spill(fs, path, options), options.password)
+                self.handle = READERS[fmt](self._spill(fs, path, options), options.password)
                 self.spilled = True
         except BaseException:
             self.close()

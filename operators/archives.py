@@ -37,7 +37,7 @@ from operators.archive_open import (
     ArchiveOptions,
     OpenArchive,
     cached_archive,
-    open_backend,
+    open_reader,
 )
 from operators.items import UnsafePath, item_id, kind_of, safe_rel_path
 from operators.rows import VERDICT_DEFAULTS, FailureCause, Status, failure_cause
@@ -189,7 +189,7 @@ def _nested(handle, m: Member, row: dict, level: int, options: ArchiveOptions) -
     try:
         data = handle.read(m.name, options.max_member_bytes)
         fmt = detect_format(data[:8], m.name)
-        inner = open_backend(fmt, io.BytesIO(data), options.password) if fmt else None
+        inner = open_reader(fmt, io.BytesIO(data), options.password) if fmt else None
         if inner is None:
             raise ValueError("unknown archive format")
     except Exception as exc:
@@ -222,7 +222,7 @@ def read_member(
         fmt = detect_format(data[:8], part)
         if fmt is None:
             raise ValueError(f"nested member {part!r}: unknown archive format")
-        inner = open_backend(fmt, io.BytesIO(data), password)
+        inner = open_reader(fmt, io.BytesIO(data), password)
         try:
             data = inner.read(part, max_member_bytes)
         finally:

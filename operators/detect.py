@@ -43,7 +43,7 @@ from operators.codecs import jpeg_header_segments, png_chunks
 from operators.orientation import boxes_to_stored
 from operators.rows import FailureCause, Status
 
-FORMAT_PRESETS = ("whole", "auto", "panorama")
+TILING_PRESETS = ("whole", "auto", "panorama")
 
 
 class Detector:
@@ -52,22 +52,22 @@ class Detector:
         models: list[tuple[dict, bytes]],
         classes: list[str],
         profile: dict,
-        device: str = "cpu",
+        backend: str = "cpu",
         threads: int = 0,
-        format: str | dict = "auto",  # the seed APIs' name
+        tiling: str | dict = "auto",  # the seed APIs' `format`
         adapters: list | None = None,
     ):
         """`models`: (catalog entry as a dict, prepared weights) pairs; `classes`: what to keep;
         `profile`: a resolved Profile as a dict (models/profiles.py: members, fusion, thresholds
-        per class); `format`: whole | auto | panorama | {"number": [nx, ny], "overlap": [ox, oy]}
+        per class); `tiling`: whole | auto | panorama | {"number": [nx, ny], "overlap": [ox, oy]}
         (module doc); `adapters`: models already loaded (a service shares them), used as well."""
-        if isinstance(format, str) and format not in FORMAT_PRESETS:
-            raise ValueError(f"format must be one of {FORMAT_PRESETS} or a tile grid, got {format!r}")
-        self.format = format
+        if isinstance(tiling, str) and tiling not in TILING_PRESETS:
+            raise ValueError(f"format (tiling) must be one of {TILING_PRESETS} or a tile grid, got {tiling!r}")
+        self.tiling = tiling
         adapters = list(adapters or [])
         for entry_fields, weights in models:
             entry = ModelEntry(**entry_fields)
-            adapters.append(adapter_class(entry.adapter)(entry, weights, device, threads))
+            adapters.append(adapter_class(entry.adapter)(entry, weights, backend, threads))
         self.adapters = {a.entry.name: a for a in adapters}
         self.profile = Profile.model_validate(profile)
         self.classes = list(classes)
@@ -76,7 +76,7 @@ class Detector:
                              if c in self.classes or (c == "vehicle" and self._needs_vehicles())),
                             key=lambda cp: cp[0] != "vehicle")
         self.cuts = self._decode_cuts()
-        self.on_gpu = device == "cuda"
+        self.on_gpu = backend == "cuda"
 
     def _needs_vehicles(self) -> bool:
         return any(m.vehicle_crops or m.near_vehicle is not None
@@ -150,8 +150,8 @@ class Detector:
     def _is_panorama(self, batch: dict[str, np.ndarray], i: int) -> bool:
         """Whether item `i` wraps around at the seam: always with format panorama, with auto
         when the image says (or looks like) it is an equirectangular 360-degree panorama."""
-        if self.format != "auto":
-            return self.format == "panorama"
+        if self.tiling != "auto":
+            return self.tiling == "panorama"
         width, height = int(batch["width"][i]), int(batch["height"][i])
         if int(batch["orientation"][i]) in (5, 6, 7, 8):  # the copy is upright: so is the seam
             width, height = height, width
@@ -166,7 +166,7 @@ class Detector:
         `stored_scales` (stored px per image px, default 1) size boxes for the size thresholds."""
         if not images:
             return []
-        panoramas = panoramas or [self.format == "panorama"] * len(images)
+        panoramas = panoramas or [self.tiling == "panorama"] * len(images)
         stored_scales = stored_scales or [1.0] * len(images)
         strips = [seam_strip(img.shape[1]) if pano else 0 for img, pano in zip(images, panoramas, strict=True)]
         widths = [img.shape[1] for img in images]
@@ -180,7 +180,7 @@ class Detector:
                 key = m.pass_key()
                 if key not in runs:
                     runs[key] = self._run_member(m, images, fused.get("vehicle"), panoramas, self.cuts[key])
-                mine = [d.select((d.classes == c) & (d.scores >= max(m.min_score, self.cuts[key][cls])))
+                mine = [d.select((d.class_ids == c) & (d.scores >= max(m.min_score, self.cuts[key][cls])))
                         for d in runs[key]]
                 if m.near_vehicle is not None:
                     mine = [near(d, v, m.near_vehicle) for d, v in zip(mine, fused["vehicle"], strict=True)]
@@ -235,11 +235,11 @@ class Detector:
         small to tile, or `tiling: off`) gets a row of square tiles as tall as the image instead
         of the 2:1 frame letterboxed into a quarter of its input. Models that run at any size see
         the whole wrapped copy at its own size and aspect: tiles would add time, not pixels."""
-        if self.format == "whole":
+        if self.tiling == "whole":
             return None
-        if isinstance(self.format, dict):
-            nx, ny = (int(v) for v in self.format["number"])
-            ox, oy = (float(v) for v in self.format.get("overlap") or (cfg.overlap, cfg.overlap))
+        if isinstance(self.tiling, dict):
+            nx, ny = (int(v) for v in self.tiling["number"])
+            ox, oy = (float(v) for v in self.tiling.get("overlap") or (cfg.overlap, cfg.overlap))
             return (nx, ny, (ox, oy)) if nx * ny > 1 else None
         grid = _grid(cfg.tiling, width, height, model_side, cfg.overlap)
         if grid is None and panorama and model_side is not None:
@@ -278,7 +278,7 @@ def to_stored_pixels(dets: Detections, det_w: int, det_h: int, width: int, heigh
         else []
         for p in dets.polygons
     ]
-    moved = Detections(boxes, dets.scores, dets.classes, dets.details, dets.models, dets.tiles, polygons)
+    moved = Detections(boxes, dets.scores, dets.class_ids, dets.details, dets.models, dets.tiles, polygons)
     return moved.scaled(width / stored_w, height / stored_h).clipped(width, height)
 
 

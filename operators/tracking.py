@@ -63,7 +63,7 @@ class IoUTracker:
         for stage in (confident, ~confident):  # confident boxes first, then low ones (ByteTrack)
             live = self._match(frame, dets, np.flatnonzero(stage), live, ids)
         for d in np.flatnonzero((ids < 0) & confident):
-            track = Track(self.next_id, int(dets.classes[d]))
+            track = Track(self.next_id, int(dets.class_ids[d]))
             self.next_id += 1
             self.tracks.append(track)
             self._add(track, frame, dets, d)
@@ -81,7 +81,7 @@ class IoUTracker:
         if not len(idx) or not live:
             return live
         iou = box_iou(dets.boxes[idx], np.stack([t.last_box() for t in live]))
-        iou = np.where(dets.classes[idx][:, None] == np.array([t.cls for t in live])[None, :], iou, 0.0)
+        iou = np.where(dets.class_ids[idx][:, None] == np.array([t.cls for t in live])[None, :], iou, 0.0)
         taken = set()
         while iou.max() >= self.iou:
             d, t = np.unravel_index(int(np.argmax(iou)), iou.shape)
@@ -98,7 +98,7 @@ class IoUTracker:
             low = self.low.get(f)
             if low is None or not len(low):
                 return
-            iou = np.where(low.classes == track.cls, box_iou(box[None], low.boxes)[0], 0.0)
+            iou = np.where(low.class_ids == track.cls, box_iou(box[None], low.boxes)[0], 0.0)
             best = int(np.argmax(iou))
             if iou[best] < self.iou:
                 return

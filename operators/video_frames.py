@@ -62,7 +62,7 @@ def low_detector(detector, factor: float = LOW_FACTOR):
     profile = detector.profile.model_copy(deep=True)
     for plan in profile.classes.values():
         plan.thresholds = [t.model_copy(update={"score": t.score * factor}) for t in plan.thresholds]
-    return Detector([], detector.classes, profile.model_dump(), format=detector.format,
+    return Detector([], detector.classes, profile.model_dump(), tiling=detector.tiling,
                     adapters=list(detector.adapters.values()))
 
 
@@ -71,7 +71,7 @@ def confident(detector, dets: Detections, stored_scale: float) -> np.ndarray:
     keep = np.zeros(len(dets), bool)
     sizes = np.maximum(dets.boxes[:, 2] - dets.boxes[:, 0], dets.boxes[:, 3] - dets.boxes[:, 1]) * stored_scale
     for k, name in enumerate(CLASSES):
-        mine = dets.classes == k
+        mine = dets.class_ids == k
         if mine.any() and name in detector.profile.classes:
             keep[mine] = dets.scores[mine] >= detector.profile.classes[name].threshold_for(sizes[mine])
     return keep
@@ -161,7 +161,7 @@ class FrameLoop:
             # the metadata JSON's per-frame time (operators/video_metadata.py)
             self.result["times"].append([out_idx, None if frame.time is None else round(float(frame.time), 4)])
         for j, b in enumerate(boxes.boxes):
-            self.result["dets"].append([out_idx, int(ids[j]), int(boxes.classes[j]),
+            self.result["dets"].append([out_idx, int(ids[j]), int(boxes.class_ids[j]),
                                         round(float(boxes.scores[j]), 4), *(round(float(v), 1) for v in b),
                                         boxes.models[j], bool(anonymised[j])])
         t2 = time.perf_counter()

@@ -157,7 +157,7 @@ def write_item(row: dict, options: WriteOptions) -> tuple[dict, Detections, np.n
         credits=float(row.get("credits", 0.0) or 0.0),
         t_anonymize_ms=(t1 - t0) * 1e3,
         t_write_ms=(time.perf_counter() - t1) * 1e3,
-        **{f"n_{c}": int(np.sum(dets.classes == k)) for k, c in enumerate(CLASSES)},
+        **{f"n_{c}": int(np.sum(dets.class_ids == k)) for k, c in enumerate(CLASSES)},
     )
     return image_row, dets, anonymised
 
@@ -206,7 +206,7 @@ def _write_metadata(row: dict, dets: Detections, anonymised: np.ndarray, options
         "detections": [
             {
                 "id": j,
-                "type": CLASSES[dets.classes[j]],
+                "type": CLASSES[dets.class_ids[j]],
                 "detail": dets.details[j],
                 "score": round(float(dets.scores[j]), 4),
                 "bbox": {"topLeftX": round(float(b[0]), 1), "topLeftY": round(float(b[1]), 1),
@@ -302,7 +302,7 @@ def detection_rows(image_row: dict, dets: Detections, anonymised: np.ndarray) ->
             "job_id": image_row["job_id"],
             "item_id": image_row["item_id"],
             "det_id": j,
-            "class": CLASSES[dets.classes[j]],
+            "class": CLASSES[dets.class_ids[j]],
             "detail": dets.details[j],
             "score": float(dets.scores[j]),
             "x1": float(b[0]), "y1": float(b[1]), "x2": float(b[2]), "y2": float(b[3]),

@@ -33,7 +33,7 @@ def test_openvino_finds_what_onnxruntime_finds(labelled_rgb, name, set_name):
         got = adapter_class(entry.adapter)(entry, weights, backend, 2).detect(photos, THRESHOLDS)
         for mine, theirs in zip(got, ref, strict=True):
             for k in np.flatnonzero(theirs.scores >= 0.5):
-                same = np.flatnonzero(mine.classes == theirs.classes[k])
+                same = np.flatnonzero(mine.class_ids == theirs.class_ids[k])
                 assert len(same), f"{name} on {backend}: a {theirs.class_names[k]} was lost"
                 iou = box_iou(theirs.boxes[k:k + 1], mine.boxes[same])[0]
                 j = same[int(np.argmax(iou))]

@@ -57,7 +57,7 @@ def test_adapter_finds_labelled_objects(catalog, shared_dir, eval_annotations, n
     hits = boxes = 0
     for im, dets in zip(images, found, strict=True):
         assert isinstance(dets, Detections)
-        mine = dets.select(dets.classes == CLASSES.index(label))
+        mine = dets.select(dets.class_ids == CLASSES.index(label))
         gt = _gt(im, label)
         matched = match_image(gt, mine.boxes, mine.scores, label == "license_plate")
         hits += int((matched >= 0).sum())

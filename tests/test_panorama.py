@@ -95,7 +95,7 @@ def detectors():
     def get(fmt: str | dict) -> Detector:
         key = str(fmt)
         if key not in made:
-            made[key] = Detector(pairs, classes, spec.detection_profile().model_dump(), "cpu", 2, format=fmt)
+            made[key] = Detector(pairs, classes, spec.detection_profile().model_dump(), "cpu", 2, tiling=fmt)
         return made[key]
 
     return get
@@ -206,7 +206,7 @@ def test_neighbours_on_the_seam_keep_both_halves(canvas):
     although their left halves, both starting at x = 0, overlap more than NMS allows."""
     entry = load_catalog()["yolov8n-coco"]
     detector = Detector([(entry.model_dump(), prepared_weights(entry))], ["person"],
-                        for_entries([entry], ["person"], THRESHOLDS).model_dump(), "cpu", 2, format="panorama")
+                        for_entries([entry], ["person"], THRESHOLDS).model_dump(), "cpu", 2, tiling="panorama")
     frame, _ = rolled(canvas, centre_x=0)
     small = cv2.resize(frame, (W // 2, H // 2), interpolation=cv2.INTER_AREA)[..., ::-1].copy()
     found = detector.detect([small])[0]
@@ -236,10 +236,10 @@ def test_format_flag_reaches_the_spec_and_the_detector():
     args = build_parser().parse_args(["run", "in/", "out/", "--format", '{"number": [3, 2], "overlap": [0.1, 0.3]}'])
     spec = build_spec(spec_fields(args, ["in/"], "out/"))
     assert spec.format == TileFormat(number=(3, 2), overlap=(0.1, 0.3))
-    assert spec.detect_format() == {"number": [3, 2], "overlap": [0.1, 0.3]}
-    assert spec.public_dict()["format"] == spec.detect_format()  # job.json round trip
+    assert spec.detect_tiling() == {"number": [3, 2], "overlap": [0.1, 0.3]}
+    assert spec.public_dict()["format"] == spec.detect_tiling()  # job.json round trip
     assert build_spec({**spec.public_dict(), "inputs": ["in/"], "output": "out/"}).format == spec.format
-    assert build_spec({"inputs": ["a"], "output": "b"}).detect_format() == "auto"
+    assert build_spec({"inputs": ["a"], "output": "b"}).detect_tiling() == "auto"
     args = build_parser().parse_args(["run", "in/", "out/", "--format", "panorama"])
     assert build_spec(spec_fields(args, ["in/"], "out/")).format == "panorama"
 
@@ -254,8 +254,8 @@ def test_tile_grid_format_overrides_the_catalog(shared_dir, eval_annotations):
     img = cv2.imread(str(shared_dir / "eval" / "faces" / im["file"]))[..., ::-1].copy()
     gt = np.asarray([b["xyxy"] for b in im["boxes"] if b["label"] == "face"], np.float32)
     profile = for_entries([entry], ["face"], THRESHOLDS).model_dump()
-    grid = Detector(pair, ["face"], profile, "cpu", 2, format={"number": [3, 1], "overlap": [0.5, 0.0]})
-    whole = Detector(pair, ["face"], profile, "cpu", 2, format="whole")
+    grid = Detector(pair, ["face"], profile, "cpu", 2, tiling={"number": [3, 1], "overlap": [0.5, 0.0]})
+    whole = Detector(pair, ["face"], profile, "cpu", 2, tiling="whole")
     tiled, untiled = grid.detect([img])[0], whole.detect([img])[0]
     assert set(tiled.tiles.tolist()) - {-1} <= {0, 1, 2} and set(tiled.tiles.tolist()) - {-1}
     assert set(untiled.tiles.tolist()) == {-1}

@@ -154,7 +154,7 @@ def _blur(service: Service, photo: bytes, fmt: str) -> dict:
         {"probability": round(float(dets.scores[i]), 4), "tagId": FACE_TAG_ID, "tagName": "Human Face",
          "boundingBox": {"left": round(float(b[0]) / w, 6), "top": round(float(b[1]) / h, 6),
                          "width": round(float(b[2] - b[0]) / w, 6), "height": round(float(b[3] - b[1]) / h, 6)}}
-        for i, b in enumerate(dets.boxes) if dets.classes[i] == face
+        for i, b in enumerate(dets.boxes) if dets.class_ids[i] == face
     ]
     return {"id": str(uuid.uuid4()), "created": now_iso(), "predictions": predictions,
             "final_photo": base64.b64encode(final).decode()}

@@ -62,12 +62,12 @@ class Processed:
     def counts(self) -> dict[str, int]:
         if self.objects is not None:
             return self.objects
-        return {c: int(np.sum(self.detections.classes == k)) for k, c in enumerate(CLASSES)}
+        return {c: int(np.sum(self.detections.class_ids == k)) for k, c in enumerate(CLASSES)}
 
 
 class ImageProcessor:
     def __init__(self, device: str = "auto", threads: int | None = None, max_pixels: int = 100_000_000):
-        self.device = _pick_device(device)
+        self.backend = _pick_backend(device)
         self.threads = threads or os.cpu_count() or 1
         self.max_pixels = max_pixels  # a service answers many callers: a tighter bomb limit than a job's
         self._adapters: dict[str, object] = {}  # catalog name -> loaded model, for the process's life
@@ -77,14 +77,14 @@ class ImageProcessor:
         """A Detector for the spec's classes, thresholds and tiling, around cached model sessions."""
         classes, models = spec.resolve_models()
         # The models themselves are the expensive part: loaded on first use, then shared.
-        return Detector([], classes, spec.detection_profile().model_dump(), device=self.device, threads=self.threads,
-                        format=spec.detect_format(), adapters=[self._adapter(e) for e in models.values()])
+        return Detector([], classes, spec.detection_profile().model_dump(), backend=self.backend, threads=self.threads,
+                        tiling=spec.detect_tiling(), adapters=[self._adapter(e) for e in models.values()])
 
     def _adapter(self, entry: ModelEntry):
         with self._lock:  # one load per model even when the first requests arrive together
             if entry.name not in self._adapters:
                 self._adapters[entry.name] = adapter_class(entry.adapter)(
-                    entry, prepared_weights(entry), self.device, self.threads)
+                    entry, prepared_weights(entry), self.backend, self.threads)
             return self._adapters[entry.name]
 
     def warm_up(self, spec: JobSpec) -> None:
@@ -203,7 +203,7 @@ def rows_batch(rows: list[dict]) -> dict[str, np.ndarray]:
     return batch
 
 
-def _pick_device(device: str) -> str:
+def _pick_backend(device: str) -> str:
     """The inference backend (models.runtime.BACKENDS) for the service's --device."""
     if device == "auto":
         import onnxruntime as ort

@@ -1,7 +1,7 @@
 """Adapters: each turns one family of ONNX models' raw outputs into `Detections`.
 
 An adapter is a class with `prepare(raw_bytes) -> bytes` (one-off graph fix-ups, cached by
-models.fetch), a constructor taking (entry, model_bytes, device, threads), and
+models.fetch), a constructor taking (entry, model_bytes, backend, threads), and
 `detect(images, thresholds) -> list[Detections]` over RGB uint8 images.
 """
 

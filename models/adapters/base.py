@@ -47,14 +47,14 @@ class Adapter(ABC):
     def prepare(raw: bytes) -> bytes:
         return raw
 
-    def __init__(self, entry: ModelEntry, model_bytes: bytes, device: str = "cpu", threads: int = 0):
+    def __init__(self, entry: ModelEntry, model_bytes: bytes, backend: str = "cpu", threads: int = 0):
         self.entry = entry
-        self.session = make_session(model_bytes, device, threads)
+        self.session = make_session(model_bytes, backend, threads)
         self.input_name = self.session.get_inputs()[0].name
         # Models with dynamic input dims see the image padded up to a multiple of this. OpenVINO
         # prepares (and keeps) kernels per input shape: on WIDER's 197 photos, steps of 128 px
         # make 12 shapes instead of 38, for 7 % more pixels (README, "Performance").
-        self.shape_step = 128 if device.startswith("openvino") else 32
+        self.shape_step = 128 if backend.startswith("openvino") else 32
 
     def padded(self, height: int, width: int) -> tuple[int, int]:
         """(height, width) rounded up to the model's shape step."""

@@ -46,8 +46,8 @@ class RetinaFace(Adapter):
             return ast.literal_eval(text.split("=", 1)[1].strip())
         return raw
 
-    def __init__(self, entry, model_bytes: bytes, device: str = "cpu", threads: int = 0):
-        super().__init__(entry, model_bytes, device, threads)
+    def __init__(self, entry, model_bytes: bytes, backend: str = "cpu", threads: int = 0):
+        super().__init__(entry, model_bytes, backend, threads)
         self.opt = {**DEFAULTS, **entry.options}
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.mean = np.array(self.opt["mean"], np.float32)

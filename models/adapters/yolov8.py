@@ -43,8 +43,8 @@ def letterbox(img: np.ndarray, height: int, width: int) -> tuple[np.ndarray, flo
 class YoloV8(Adapter):
     segment = False
 
-    def __init__(self, entry, model_bytes: bytes, device: str = "cpu", threads: int = 0):
-        super().__init__(entry, model_bytes, device, threads)
+    def __init__(self, entry, model_bytes: bytes, backend: str = "cpu", threads: int = 0):
+        super().__init__(entry, model_bytes, backend, threads)
         names = entry.options.get("names")
         if names is None:
             meta = self.session.get_modelmeta().custom_metadata_map

@@ -50,8 +50,8 @@ class YuNet(Adapter):
         onnx.checker.check_model(model)
         return model.SerializeToString()
 
-    def __init__(self, entry, model_bytes: bytes, device: str = "cpu", threads: int = 0):
-        super().__init__(entry, model_bytes, device, threads)
+    def __init__(self, entry, model_bytes: bytes, backend: str = "cpu", threads: int = 0):
+        super().__init__(entry, model_bytes, backend, threads)
         self.nms_iou = float(entry.options.get("nms_iou", 0.3))
         self.output_names = [f"{head}_{s}" for s in STRIDES for head in HEADS]
 
