@@ -86,14 +86,15 @@ class JobSpec(BaseModel):
     license_plate_threshold: float | None = Field(None, ge=0.0, le=1.0)
     person_threshold: float | None = Field(None, ge=0.0, le=1.0)
     vehicle_threshold: float | None = Field(None, ge=0.0, le=1.0)
-    kernel_size_face: float = Field(0.35, gt=0.0, le=1000.0)
+    kernel_size_face: float = Field(0.95, gt=0.0, le=1000.0)
     kernel_size_license_plate: float = Field(0.5, gt=0.0, le=1000.0)
     kernel_size_person: float = Field(95.0, gt=0.0, le=1000.0)
     kernel_size_vehicle: float = Field(61.0, gt=0.0, le=1000.0)
-    face_anonymization_gradient_start: float = Field(0.3, ge=0.0, le=1.0)
+    face_anonymization_gradient_start: float = Field(0.0, ge=0.0, le=1.0)  # hard: operators/anonymize.py
     face_anonymization_gradient_stop: float = Field(0.0, ge=0.0, le=1.0)
     license_plate_anonymization_gradient_start: float = Field(0.3, ge=0.0, le=1.0)
     license_plate_anonymization_gradient_stop: float = Field(0.0, ge=0.0, le=1.0)
+    shape_scale_face: float = Field(1.3, ge=1.0, le=3.0, description="a face's blurred shape: its box scaled by this")
     ignores: list[IgnoreArea] = Field(default_factory=list, description="areas left untouched")
     debug: bool = Field(False, description="draw boxes on the output")
     score: bool = Field(False, description="with debug: draw the scores")
@@ -228,6 +229,7 @@ class JobSpec(BaseModel):
             gradient_start={c: getattr(self, f"{c}_anonymization_gradient_start") for c in feathered},
             gradient_stop={c: getattr(self, f"{c}_anonymization_gradient_stop") for c in feathered},
             ignores=[(a.topLeftX, a.topLeftY, a.width, a.height) for a in self.ignores],
+            shape_scale={"face": self.shape_scale_face},
         )
 
     def detect_tiling(self) -> str | dict:

@@ -31,15 +31,28 @@ def test_kernel_rule():
 
 @pytest.mark.parametrize("method", ["blur", "pixelate", "blacken"])
 @pytest.mark.parametrize("bbox", [False, True])
-def test_methods_change_pixels_only_inside_the_shape(method, bbox):
-    opts = AnonymizeOptions(method=method, bbox=bbox, gradient_start={}, gradient_stop={})
+@pytest.mark.parametrize("scale", [1.0, 1.3])
+def test_methods_change_pixels_only_inside_the_shape(method, bbox, scale):
+    opts = AnonymizeOptions(method=method, bbox=bbox, gradient_start={}, gradient_stop={}, shape_scale={"face": scale})
     out = anonymize(IMG, FACE, opts).image
     changed = np.any(out != IMG, axis=2)
-    inside = shape_alpha(120, 160, (40, 30, 100, 90), bbox) > 0
+    half_w, half_h = 30 * scale, 30 * scale  # FACE is the box 40,30 - 100,90: centre 70,60
+    inside = shape_alpha(120, 160, (70 - half_w, 60 - half_h, 70 + half_w, 60 + half_h), bbox) > 0
     assert not changed[~inside].any()
     assert changed[inside].mean() > 0.9
     if method == "blacken":
         assert (out[inside] == 0).all()
+
+
+def test_face_defaults_blur_the_scaled_shape_with_a_hard_edge():
+    """The defaults (README "Blur strength"): a face's shape is its box scaled 1.3, full strength to
+    its edge; the reported box stays the detection's."""
+    result = anonymize(IMG, FACE, masks=True)
+    inside = shape_alpha(120, 160, (31, 21, 109, 99), False) > 0
+    assert (result.binary > 0).sum() == pytest.approx(inside.sum(), rel=0.02)
+    changed = np.any(result.image != IMG, axis=2)
+    assert changed[inside].mean() > 0.9 and not changed[~inside].any()
+    np.testing.assert_array_equal(FACE.boxes, [[40, 30, 100, 90]])
 
 
 def test_ellipse_covers_less_than_the_box():

@@ -19,7 +19,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "anonymization": (
         "method", "bbox", "kernel_size_face", "kernel_size_license_plate", "kernel_size_person",
         "kernel_size_vehicle", "face_anonymization_gradient_start", "face_anonymization_gradient_stop",
-        "license_plate_anonymization_gradient_start", "license_plate_anonymization_gradient_stop", "ignores",
+        "license_plate_anonymization_gradient_start", "license_plate_anonymization_gradient_stop", "shape_scale_face",
+        "ignores",
         "debug", "score"),
     "outputs": (
         "quality", "compress_level", "strip_metadata", "save_mask", "mask_scale", "save_metadata",
@@ -44,7 +45,7 @@ METAVARS = {
     "profile": "NAME", "detect_models": "NAME,...", "models": "FILE", "pricing": "FILE", "spec": "FILE", "job_id": "ID",
     "archive_password": "PASSWORD", "archive_password_file": "FILE", "webhook": "URL",
     "web_auth_header_name": "NAME", "web_auth_header_value": "VALUE",
-    "detect_every": "N", "crf": "0..51", "video_segment_seconds": "SECONDS",
+    "detect_every": "N", "crf": "0..51", "shape_scale_face": "SCALE", "video_segment_seconds": "SECONDS",
 }
 
 

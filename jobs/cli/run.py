@@ -45,14 +45,16 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
     for cls in ("face", "license-plate", "person", "vehicle"):
         _opt(p, f"--{cls}-threshold", type=float,
              help="minimum score 0..1 for every size (default: the profile's thresholds by size)")
-    for cls, default in (("face", "0.35"), ("license-plate", "0.5"), ("person", "95"), ("vehicle", "61")):
+    for cls, default in (("face", "0.95"), ("license-plate", "0.5"), ("person", "95"), ("vehicle", "61")):
         _opt(p, f"--kernel-size-{cls}", type=float,
              help=f"blur/pixel kernel: < 1 = fraction of the object's shorter side, >= 1 = pixels (default {default})")
-    for cls in ("face", "license-plate"):
+    for cls, default in (("face", "0.0: a hard edge"), ("license-plate", "0.3")):
         _opt(p, f"--{cls}-anonymization-gradient-start", type=float,
-             help="feathered edge: full strength deeper than this fraction of the shape's radius (default 0.3)")
+             help=f"feathered edge: full strength deeper than this fraction of the shape's radius (default {default})")
         _opt(p, f"--{cls}-anonymization-gradient-stop", type=float,
              help="feathered edge: no effect at this depth, 0 = the shape's edge (default 0.0)")
+    _opt(p, "--shape-scale-face", type=float,
+         help="a face's anonymized shape is its box scaled by this about its centre, 1..3 (default 1.3)")
     _opt(p, "--ignores", type=json.loads, metavar="JSON",
          help='areas left untouched: [{"topLeftX": 0, "topLeftY": 0, "width": 100, "height": 50}] (pixels)')
     _opt(p, "--debug", action="store_true", default=None, help="draw detection boxes on the output")
