@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import _thread
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from jobs.lease import JobLease
@@ -25,6 +25,7 @@ from jobs.pipeline import (
     ray_session,
     repack_archives,
 )
+from jobs.plan_stream import PlanStream
 from jobs.pricing import Pricing, load_pricing
 from jobs.progress import JobProgress
 from jobs.quote import quote_items
@@ -38,7 +39,7 @@ from operators.budget import Billing
 from operators.input_lists import is_list_input
 from operators.listing import iter_sources
 from operators.manifest import read_table
-from operators.plan import Plan, iter_plan, plan_todo, shard_items, wave_items, write_plan
+from operators.plan import Plan, iter_plan, plan_root, plan_todo, shard_items, wave_items, write_plan
 from operators.repack import members_by_archive
 from operators.resume import ResumeState, drop_duplicates, latest_rows, resume_state
 from operators.sources import check_output_outside_inputs
@@ -90,14 +91,19 @@ def _run_leased(spec: JobSpec, log, approve: bool, auto_approve_below: float | N
                         f"items are kept: the job would mix two specs. Give the same options, a new --job-id, or "
                         f"--allow-spec-change (finished items keep their results)")
     # listed into plan shards (OUTPUT/JOB_ID/plan/): the driver never holds every row
-    plan = write_plan(iter_sources(spec.inputs, spec.storage_options), job_root, spec.storage_options,
-                      shard_items())
+    limit = auto_approve_below if auto_approve_below is not None else pricing.auto_approve_below
+    rows = iter_sources(spec.inputs, spec.storage_options)
+    stream = None
+    if earlier is None and (limit is None or approve):  # a first run starts on its first shard (plan_stream.py)
+        stream = PlanStream(rows, job_root, spec.storage_options, shard_items())
+        plan = Plan(plan_root(job_root))  # the shards come with the waves
+    else:
+        plan = write_plan(rows, job_root, spec.storage_options, shard_items())
     if plan.has_rar and rar_tool_missing():  # said up front; each compressed member then fails with the same hint
         log(f"warning: {RAR_TOOL_HINT}")
 
     report = JobReport(job_root, spec.public_dict(), spec.storage_options, earlier=earlier)
     report.doc.update(classes=classes, models={n: e.source.model_dump(exclude_none=True) for n, e in models.items()})
-    limit = auto_approve_below if auto_approve_below is not None else pricing.auto_approve_below
     if limit is not None and not approve and not report.doc.get("approved_at"):
         quote = quote_items(iter_plan(plan, spec.storage_options), pricing, classes, archive_options(spec),
                             spec.storage_options)
@@ -118,8 +124,9 @@ def _run_leased(spec: JobSpec, log, approve: bool, auto_approve_below: float | N
     weights = {name: prepared_weights(entry) for name, entry in models.items()}
     earlier_items = len(resume.finished) + sealed.totals.items
     note = f" ({earlier_items} finished earlier)" if earlier_items else ""
-    log(f"veil job {spec.job_id}: {todo.files} files{note}, classes {', '.join(classes)} -> {job_root}")
-    report.set("queued", f"{todo.files} files to process{note}")
+    files = f"{todo.files} files" if not stream else "files being listed"
+    log(f"veil job {spec.job_id}: {files}{note}, classes {', '.join(classes)} -> {job_root}")
+    report.set("queued", f"{files} to process{note}")
 
     report.reserve_room()  # so that a full disk still lets job.json say `failed` and why
     run_totals = Totals()
@@ -139,19 +146,28 @@ def _run_leased(spec: JobSpec, log, approve: bool, auto_approve_below: float | N
     try:
         with ray_session(on_lost=ray_lost):
             res = plan_resources(spec, sum(len(w) for w in weights.values()),  # archives: members unknown
-                                 -(-todo.files // spec.batch_size) if not plan.archives else None)
+                                 -(-todo.files // spec.batch_size) if not (plan.archives or stream) else None)
             report.doc["resources"] = res.__dict__
             ledger = RemoteLedger(spec.max_credits, resume.charged) if spec.max_credits is not None else None
             billing = Billing(pricing, classes, ledger)
             report.set("processing", f"0 items done{note}", started_at=started_at)
             sealer = ShardSealer(plan, job_root, todo.left, spec.storage_options)
-            if todo.files:
+            if todo.files or stream:
                 # counted in items (archive members included), not files
                 progress = JobProgress(todo.archives, archive_options(spec), resume.finished, bar=bar, log=log,
                                        plain=todo.plain)
+                if stream:
+                    progress.total = None  # known when the listing ends
+
+                def build(wave: Plan) -> ray.data.Dataset:
+                    sealer.add(wave)  # a streamed plan's shards arrive with their wave
+                    if stream and stream.plan and not stream.plan.archives:
+                        progress.total = stream.plan.items
+                    return build_dataset(spec, wave, classes, models, weights, job_root, res, billing,
+                                         resume.finished)
                 try:
-                    for stats in wave_batches(plan, lambda wave: build_dataset(
-                            spec, wave, classes, models, weights, job_root, res, billing, resume.finished)):
+                    waves = stream.waves(wave_items()) if stream else plan.waves(wave_items())
+                    for stats in wave_batches(waves, build):
                         if lease.lost.is_set():  # taken over as stale: another run owns the job now
                             raise LeaseLost(f"the lease of job {spec.job_id} was taken over by another run")
                         run_totals.add(stats)
@@ -161,6 +177,10 @@ def _run_leased(spec: JobSpec, log, approve: bool, auto_approve_below: float | N
                 finally:
                     progress.close()
             sealed.add(sealer.close(ended=True))
+            if stream:
+                whole = stream.result()
+                if whole.has_rar and rar_tool_missing():
+                    log(f"warning: {RAR_TOOL_HINT}")
             if spec.repack == "zip":
                 archives = plan_todo(whole, storage_options=spec.storage_options).all_archives
                 report.doc["repack"] = repack(spec, archives, job_root)
@@ -185,10 +205,10 @@ def _run_leased(spec: JobSpec, log, approve: bool, auto_approve_below: float | N
     return report.doc
 
 
-def wave_batches(plan: Plan, build: Callable[[Plan], ray.data.Dataset]) -> Iterator[dict]:
+def wave_batches(waves: Iterable[Plan], build: Callable[[Plan], ray.data.Dataset]) -> Iterator[dict]:
     """The stats rows as written, one Dataset per wave of shards (Plan.waves: Ray Data's state in
     the driver is freed when each Dataset ends, instead of growing with the whole job)."""
-    for wave in plan.waves(wave_items()):
+    for wave in waves:
         yield from build(wave).iter_batches(batch_size=None, batch_format="numpy")
 
 

@@ -17,7 +17,7 @@ import io
 import json
 import os
 import posixpath
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
@@ -109,9 +109,10 @@ def plan_root(job_root: str) -> str:
 
 
 def write_plan(rows: Iterable[dict], job_root: str, storage_options: dict | None = None,
-               shard_items: int = SHARD_ITEMS) -> Plan:
+               shard_items: int = SHARD_ITEMS, on_shard: Callable[[Shard], None] | None = None) -> Plan:
     """Stream `rows` (list_sources' dicts) into shards under JOB_ROOT/plan/; returns the plan.
-    Shards of an earlier plan of the job beyond the new count are removed (a shorter listing)."""
+    Shards of an earlier plan of the job beyond the new count are removed (a shorter listing).
+    `on_shard(shard)`: called as each shard is written (jobs/plan_stream.py starts on it)."""
     plan = Plan(plan_root(job_root))
     pending: list[dict] = []
     for row in rows:
@@ -121,8 +122,12 @@ def write_plan(rows: Iterable[dict], job_root: str, storage_options: dict | None
         if len(pending) >= shard_items:
             plan.shards.append(_write_shard(plan, pending, storage_options))
             pending = []
+            if on_shard:
+                on_shard(plan.shards[-1])
     if pending or not plan.shards:
         plan.shards.append(_write_shard(plan, pending, storage_options))
+        if on_shard:
+            on_shard(plan.shards[-1])
     _remove_stale(plan, storage_options)
     plan.save(storage_options)
     return plan

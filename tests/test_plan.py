@@ -123,6 +123,35 @@ def _inventory(fs, fmt: str) -> str:
     return f"s3://inv/photos/daily/{fmt}/manifest.json"
 
 
+def test_s3_listing_in_parallel_gives_the_sequential_walk(s3_endpoint, s3fs_client, monkeypatch):
+    """Folders listed many at once (delimiter fan-out) give list_sources' rows, in the order of the
+    one-LIST-at-a-time walk (shard digests stay the same across runs), and leave no listing cache."""
+    from operators.remote_walk import sequential_walk, walk_remote
+    from operators.s3_list import list_s3_folder
+    from operators.storage import filesystem
+
+    fs = s3fs_client
+    fs.mkdir("tree")
+    keys = [f"d{d}/c{c}/{k:03d}.jpg" for d in range(3) for c in range(4) for k in range(5)]
+    keys += ["top.jpg", "d1/x.jpg", "d1/x.jpg/inner.jpg", "d2/c0/deep/er/1.png", "d0/notes.txt", "d0/a b+c%d.jpg"]
+    for k in keys:
+        fs.pipe(f"tree/{k}", JPEG)
+    opts = {"endpoint_url": s3_endpoint, "key": "testing", "secret": "testing"}
+    s3, _ = filesystem("s3://tree", opts)
+    files, dirs = list_s3_folder(s3, "tree/d0")  # the fast path itself (walk_remote falls back to fs.ls)
+    assert sorted(f[0] for f in files) == ["tree/d0/a b+c%d.jpg", "tree/d0/notes.txt"]
+    assert sorted(dirs) == [f"tree/d0/c{c}" for c in range(4)]
+    assert list(walk_remote(s3, "tree", threads=8)) == list(sequential_walk(s3, "tree"))
+    s3.invalidate_cache()
+    monkeypatch.setenv("VEIL_LIST_THREADS", "8")
+    rows = list(iter_sources(["s3://tree/"], opts))
+    assert _key(rows) == _key(list_sources(["s3://tree/"], opts)) and len(rows) == len(keys)
+    assert {r["failure_cause"] for r in rows if "x.jpg/" in r["source_url"]} == {"OUTPUT_PATH_ERROR"}
+    s3.invalidate_cache()
+    list(walk_remote(s3, "tree", threads=8))
+    assert not s3.dircache  # the driver holds no listing of the job
+
+
 @pytest.mark.parametrize("fmt", ["CSV", "Parquet"])
 def test_s3_inventory_manifest_is_an_input_without_listing(s3_endpoint, s3fs_client, fmt):
     fs = s3fs_client
@@ -209,3 +238,29 @@ def test_cli_input_list_becomes_list_inputs(tmp_path, monkeypatch, capsys):
     assert "--input-list" in capsys.readouterr().err
     main(["run", "--input-list", str(tmp_path / "l.txt"), str(tmp_path / "out"), "--job-id", "lst"])
     assert seen["inputs"] == [f"list:{tmp_path / 'l.txt'}"]
+
+
+def test_a_first_run_gets_its_first_wave_while_the_listing_goes_on(tmp_path):
+    """PlanStream: the first wave is handed out once one shard exists, with the listing still blocked."""
+    import threading
+
+    from jobs.plan_stream import PlanStream
+
+    go_on = threading.Event()
+    rows = [{"item_id": f"i{k}", "source_url": f"/x/{k}.jpg", "member": "", "rel_path": f"{k}.jpg", "size": 1,
+             "kind": "image", "status": "", "failure_cause": "", "error": ""} for k in range(7)]
+
+    def listing():
+        yield from rows[:3]
+        assert go_on.wait(30)  # the rest is listed only once the first wave is out
+        yield from rows[3:]
+
+    stream = PlanStream(listing(), str(tmp_path / "job"), None, shard_items=2)
+    waves = stream.waves(max_items=3)
+    first = next(waves)
+    assert [s.items for s in first.shards] == [2] and stream.plan is None
+    go_on.set()
+    rest = list(waves)
+    assert [[s.name for s in w.shards] for w in rest] == [["shard-000001.parquet"], ["shard-000002.parquet",
+                                                                                    "shard-000003.parquet"]]
+    assert stream.result().items == 7 and (tmp_path / "job/plan/plan.json").exists()
