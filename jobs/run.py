@@ -28,7 +28,7 @@ from jobs.pipeline import (
 from jobs.plan_stream import PlanStream
 from jobs.pricing import Pricing, load_pricing
 from jobs.progress import JobProgress
-from jobs.quote import quote_items
+from jobs.quote import quote_stream
 from jobs.report import JobReport, Totals, now_iso, try_load_report
 from jobs.shard_seal import Sealed, ShardSealer, load_sealed, manifest_totals
 from jobs.spec import JobSpec, SpecError, spec_changes
@@ -105,7 +105,7 @@ def _run_leased(spec: JobSpec, log, approve: bool, auto_approve_below: float | N
     report = JobReport(job_root, spec.public_dict(), spec.storage_options, earlier=earlier)
     report.doc.update(classes=classes, models={n: e.source.model_dump(exclude_none=True) for n, e in models.items()})
     if limit is not None and not approve and not report.doc.get("approved_at"):
-        quote = quote_items(iter_plan(plan, spec.storage_options), pricing, classes, archive_options(spec),
+        quote = quote_stream(iter_plan(plan, spec.storage_options), pricing, classes, archive_options(spec),
                             spec.storage_options)
         report.doc["quote"] = quote
         if quote["credits"] >= limit:

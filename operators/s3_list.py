@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import urllib.request
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from urllib.parse import unquote_plus
 
 import urllib3
@@ -34,22 +35,35 @@ def can_list_fast(fs) -> bool:
 
 def list_s3_folder(fs, folder: str) -> tuple[list[Entry], list[str]]:
     """(files, subfolders) directly under `folder` ("bucket/key/prefix"), every page of it."""
-    bucket, key, _ = fs.split_path(folder)
-    prefix = key.rstrip("/") + "/" if key else ""
     files: list[Entry] = []
     dirs: list[str] = []
+    for page_files, page_dirs in s3_pages(fs, folder):
+        files += page_files
+        dirs += page_dirs
+    return files, dirs
+
+
+def s3_pages(fs, folder: str, name_prefix: str = "") -> Iterator[tuple[list[Entry], list[str]]]:
+    """(files, subfolders) of `folder` whose names start with `name_prefix`, one LIST page (up to
+    1,000 keys) at a time: a caller that filters them holds one page, not the folder."""
+    bucket, key, _ = fs.split_path(folder)
+    prefix = key.rstrip("/") + "/" if key else ""
     token = ""
     while True:
-        params = {"Bucket": bucket, "Prefix": prefix, "Delimiter": "/", "EncodingType": "url", **fs.req_kw}
+        params = {"Bucket": bucket, "Prefix": prefix + name_prefix, "Delimiter": "/", "EncodingType": "url",
+                  **fs.req_kw}
         if token:
             params["ContinuationToken"] = token
         url = sync(fs.loop, fs.s3.generate_presigned_url, "list_objects_v2", Params=params, ExpiresIn=900)
         answer = _HTTP.request("GET", url)
         if answer.status != 200:
-            raise NotListed(f"LIST {bucket}/{prefix}: HTTP {answer.status}")
+            raise NotListed(f"LIST {bucket}/{prefix}{name_prefix}: HTTP {answer.status}")
+        files: list[Entry] = []
+        dirs: list[str] = []
         token = _read_page(ET.fromstring(answer.data), bucket, prefix, files, dirs)
+        yield files, dirs
         if not token:
-            return files, dirs
+            return
 
 
 def _read_page(root: ET.Element, bucket: str, prefix: str, files: list[Entry], dirs: list[str]) -> str:

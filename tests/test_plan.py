@@ -264,3 +264,55 @@ def test_a_first_run_gets_its_first_wave_while_the_listing_goes_on(tmp_path):
     assert [[s.name for s in w.shards] for w in rest] == [["shard-000001.parquet"], ["shard-000002.parquet",
                                                                                     "shard-000003.parquet"]]
     assert stream.result().items == 7 and (tmp_path / "job/plan/plan.json").exists()
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_shards_manifest_parts_are_listed_by_prefix(where, tmp_path, request):
+    """part_urls lists one shard's parts by name prefix (on S3 in the LIST itself), not by a glob of
+    the whole manifest; the default prefix still finds every part."""
+    import pyarrow as pa
+
+    from operators.manifest import IMAGES_SCHEMA, part_urls, write_part
+
+    opts = None
+    root = str(tmp_path / "job")
+    if where == "s3":
+        endpoint = request.getfixturevalue("s3_endpoint")
+        fs = request.getfixturevalue("s3fs_client")
+        if not fs.exists("manifests"):
+            fs.mkdir("manifests")
+        opts, root = {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}, "s3://manifests/job"
+    table = pa.Table.from_pylist([{"item_id": "a", "status": "done"}], schema=IMAGES_SCHEMA)
+    names = ["part-shard-000001-aa.parquet", "part-shard-000002-bb.parquet", "part-0c1d.parquet"]
+    for name in names:
+        write_part(root, "images", table, IMAGES_SCHEMA, opts, part=name)
+    assert list(part_urls(root, "images", opts, "part-shard-000001-")) == names[:1]
+    assert sorted(part_urls(root, "images", opts)) == sorted(names)
+    assert part_urls(root, "detections", opts) == {}
+    if where == "s3":  # the page-by-page LIST itself (part_urls falls back to a glob if it fails)
+        from operators.s3_list import s3_pages
+        from operators.storage import filesystem
+
+        s3, _ = filesystem(root, opts)
+        pages = list(s3_pages(s3, "manifests/job/manifest/images", "part-shard-"))
+        assert [f[0] for files, _ in pages for f in files] == [f"manifests/job/manifest/images/{n}" for n in names[:2]]
+
+
+def test_a_quote_streams_a_chunk_at_a_time(shared_dir, tmp_path):
+    """quote_stream over the streamed listing, 2 rows at a time, gives the whole listing's quote."""
+    from jobs.pricing import load_pricing
+    from jobs.quote import quote_items, quote_stream
+    from operators.archives import ArchiveOptions
+
+    photos = sorted((shared_dir / "eval" / "coco" / "images").glob("*.jpg"))[:5]
+    for k, photo in enumerate(photos):
+        (tmp_path / "in" / f"cam{k % 2}").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "in" / f"cam{k % 2}" / photo.name).write_bytes(photo.read_bytes())
+    (tmp_path / "in" / "notes.txt").write_text("not an image")
+    pricing, root = load_pricing(None), str(tmp_path / "in")
+    whole = quote_items(list_sources([root]), pricing, ["face"], ArchiveOptions())
+    streamed = quote_stream(iter_sources([root]), pricing, ["face"], ArchiveOptions(), chunk=2)
+    assert streamed["items"] == whole["items"] == 6 and streamed["images"] == 5
+    assert streamed["credits"] == pytest.approx(whole["credits"]) and streamed["megapixels"] == pytest.approx(
+        whole["megapixels"], abs=0.01)  # each chunk rounds to 0.001 MP
+    assert {k: v["items"] for k, v in streamed["by_prefix"].items()} == {"cam0": 3, "cam1": 2, ".": 1}
