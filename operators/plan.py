@@ -29,6 +29,10 @@ from operators.archives import ArchiveOptions, expand_rows
 from operators.storage import filesystem, join, read_bytes, write_atomic
 
 SHARD_ITEMS = 10_000
+# The first shard is small: a first run's first wave is that shard alone (jobs/plan_stream.py), and
+# on a small machine Ray Data gives the write tasks a CPU only once the wave's items have gone
+# through detection, so the first items appear after 1,000 items' work, not 10,000.
+FIRST_SHARD_ITEMS = 1_000
 PLAN_SCHEMA = pa.schema([
     ("item_id", pa.string()),
     ("source_url", pa.string()),
@@ -119,7 +123,7 @@ def write_plan(rows: Iterable[dict], job_root: str, storage_options: dict | None
         pending.append(row)
         if row["kind"] == "archive" and row["rel_path"].lower().endswith(RAR_SUFFIXES):
             plan.has_rar = True
-        if len(pending) >= shard_items:
+        if len(pending) >= (shard_items if plan.shards else min(shard_items, FIRST_SHARD_ITEMS)):
             plan.shards.append(_write_shard(plan, pending, storage_options))
             pending = []
             if on_shard:
