@@ -1,8 +1,9 @@
 """A first run's plan, written while the job already runs: time to the first item does not grow with the job.
 
 `write_plan` runs in a thread of the driver and `waves()` hands out runs of whole shards as they
-are written: the first wave as soon as one shard exists, the next ones of about `max_items`
-items each (or whatever is left once the listing has ended). Listing a million local entries
+are written: the first wave is the first shard alone (1,000 items, operators/plan.py) as soon as
+it exists, the next ones of about `max_items` items each (or whatever is left once the listing
+has ended). Listing a million local entries
 takes ~30 s on one core; processing them takes hours, so after the first wave the listing is
 long done.
 
@@ -68,6 +69,10 @@ class PlanStream:
                 new, ended = self._shards[taken:], self._plan is not None
             if not new and ended:
                 return
+            if not taken:  # the first wave is the first shard alone (1,000 items): the first items come soon
+                taken = 1
+                yield Plan(self.root, new[:1])
+                continue
             runs = Plan(self.root, new).waves(max_items)
             for wave in runs if ended else runs[:1]:
                 taken += len(wave.shards)
