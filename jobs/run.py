@@ -92,13 +92,14 @@ def _run_leased(spec: JobSpec, log, approve: bool, auto_approve_below: float | N
                         f"--allow-spec-change (finished items keep their results)")
     # listed into plan shards (OUTPUT/JOB_ID/plan/): the driver never holds every row
     limit = auto_approve_below if auto_approve_below is not None else pricing.auto_approve_below
-    rows = iter_sources(spec.inputs, spec.storage_options)
     stream = None
     if earlier is None and (limit is None or approve):  # a first run starts on its first shard (plan_stream.py)
-        stream = PlanStream(rows, job_root, spec.storage_options, shard_items())
+        stream = PlanStream(iter_sources, (spec.inputs, spec.storage_options), job_root, spec.storage_options,
+                            shard_items())
         plan = Plan(plan_root(job_root))  # the shards come with the waves
     else:
-        plan = write_plan(rows, job_root, spec.storage_options, shard_items())
+        plan = write_plan(iter_sources(spec.inputs, spec.storage_options), job_root, spec.storage_options,
+                          shard_items())
     if plan.has_rar and rar_tool_missing():  # said up front; each compressed member then fails with the same hint
         log(f"warning: {RAR_TOOL_HINT}")
 

@@ -7,6 +7,7 @@ import csv
 import gzip
 import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -240,30 +241,37 @@ def test_cli_input_list_becomes_list_inputs(tmp_path, monkeypatch, capsys):
     assert seen["inputs"] == [f"list:{tmp_path / 'l.txt'}"]
 
 
-def test_a_first_run_gets_its_first_wave_while_the_listing_goes_on(tmp_path):
-    """PlanStream: the first wave is handed out once one shard exists, with the listing still blocked."""
-    import threading
+def _rows_until(go_on: str) -> Iterator[dict]:
+    """Seven plan rows; after the third, waits for the file `go_on` (the listing blocked)."""
+    import time
 
-    from jobs.plan_stream import PlanStream
-
-    go_on = threading.Event()
     rows = [{"item_id": f"i{k}", "source_url": f"/x/{k}.jpg", "member": "", "rel_path": f"{k}.jpg", "size": 1,
              "kind": "image", "status": "", "failure_cause": "", "error": ""} for k in range(7)]
+    yield from rows[:3]
+    deadline = time.monotonic() + 60
+    while not Path(go_on).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield from rows[3:]
 
-    def listing():
-        yield from rows[:3]
-        assert go_on.wait(30)  # the rest is listed only once the first wave is out
-        yield from rows[3:]
 
-    stream = PlanStream(listing(), str(tmp_path / "job"), None, shard_items=2)
+def test_a_first_run_gets_its_first_wave_while_the_listing_goes_on(tmp_path):
+    """PlanStream: the first wave is handed out once one shard exists, with the listing still blocked
+    (in its own process); an input that does not exist is refused before any wave."""
+    from jobs.plan_stream import PlanStream
+    from operators.sources import InputError
+
+    go_on = tmp_path / "go-on"
+    stream = PlanStream(_rows_until, (str(go_on),), str(tmp_path / "job"), None, shard_items=2)
     waves = stream.waves(max_items=3)
     first = next(waves)
     assert [s.items for s in first.shards] == [2] and stream.plan is None
-    go_on.set()
+    go_on.touch()
     rest = list(waves)
     assert [[s.name for s in w.shards] for w in rest] == [["shard-000001.parquet"], ["shard-000002.parquet",
                                                                                     "shard-000003.parquet"]]
     assert stream.result().items == 7 and (tmp_path / "job/plan/plan.json").exists()
+    with pytest.raises(InputError, match="does not exist"):
+        PlanStream(iter_sources, ([str(tmp_path / "nowhere")], None), str(tmp_path / "job2"), None, 2)
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
