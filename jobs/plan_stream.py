@@ -15,6 +15,7 @@ their plan first, as before.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import pickle
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -99,6 +100,7 @@ class PlanStream:
 def _write(make_rows: Callable[..., Iterable[dict]], args: tuple, job_root: str, storage_options: dict | None,
            shard_items: int, queue) -> None:
     """The child process: the plan written, each shard announced as it is."""
+    os.nice(10)  # on a small machine the first wave's tasks come first; the listing has time
     try:
         plan = write_plan(make_rows(*args), job_root, storage_options, shard_items,
                           on_shard=lambda shard: queue.put(("shard", asdict(shard))))
