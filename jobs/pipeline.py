@@ -26,7 +26,7 @@ from models.runtime import backend_for
 from operators.archives import expand_rows
 from operators.budget import Billing, CreditLedger
 from operators.detect import Detector
-from operators.plan import Plan, expand_shard
+from operators.plan import Plan, expand_shard, slices
 from operators.prepare import prepare_batch
 from operators.repack import repack_archive
 from operators.resume import drop_finished
@@ -275,7 +275,7 @@ def build_dataset(
     dataset holds one row per shard file, read on the workers (the driver never holds the items)."""
     model_refs = [(models[name].model_dump(), ray.put(weights[name])) for name in models]
     if isinstance(sources, Plan):
-        shards = [{"shard": url} for url in sources.urls()]
+        shards = slices(sources)  # a few hundred plan rows per task: none holds a CPU for a whole shard
         ds = ray.data.from_items(shards, override_num_blocks=max(1, min(len(shards), 2000)))
         ds = ds.flat_map(expand_shard, num_cpus=TASK_CPUS, fn_kwargs={"options": archive_options(spec)})
     else:

@@ -12,6 +12,7 @@ import io
 import warnings
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from itertools import chain
 
 from PIL import Image
 
@@ -107,6 +108,39 @@ def quote_items(
         "classes": classes,
         "by_prefix": dict(sorted(by_prefix.items())),
     }
+
+
+QUOTE_CHUNK = 10_000  # listed rows priced at a time (a plan shard's worth): the driver holds no more
+
+
+def quote_stream(sources: Iterable[dict], pricing: Pricing, classes: list[str], archive: ArchiveOptions,
+                 storage_options: dict | None = None, chunk: int = QUOTE_CHUNK) -> dict:
+    """quote_items over a streamed listing, `chunk` rows at a time, summed: what a job of any size
+    quotes with one chunk of rows (and its header reads) in memory."""
+    per_chunk = pricing.model_copy(update={"minimum_per_job": 0.0})  # the minimum applies to the sum
+    out: dict | None = None
+    rows: list[dict] = []
+    for row in chain(sources, [None]):  # None: the end, the last chunk
+        if row is not None:
+            rows.append(row)
+        if rows and (row is None or len(rows) >= chunk):
+            out = _add_quotes(out, quote_items(rows, per_chunk, classes, archive, storage_options))
+            rows = []
+    out = out or quote_items([], per_chunk, classes, archive, storage_options)
+    out.update(credits=pricing.job_credits(out["credits"]), minimum_per_job=pricing.minimum_per_job)
+    return out
+
+
+def _add_quotes(a: dict | None, b: dict) -> dict:
+    if a is None:
+        return b
+    counts = ("items", "images", "videos", "unreadable", "not_billable", "megapixels", "credits")
+    for bucket, other in [(a, b), *((a["by_prefix"].setdefault(k, dict.fromkeys(counts, 0)), v)
+                                    for k, v in b["by_prefix"].items())]:
+        for k in counts:
+            bucket[k] = round(bucket[k] + other[k], 6)
+    a["by_prefix"] = dict(sorted(a["by_prefix"].items()))
+    return a
 
 
 def _empty() -> dict:

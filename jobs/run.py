@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import _thread
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -26,9 +26,10 @@ from jobs.pipeline import (
     ray_session,
     repack_archives,
 )
+from jobs.plan_stream import PlanStream
 from jobs.pricing import Pricing, load_pricing
 from jobs.progress import JobProgress
-from jobs.quote import quote_items
+from jobs.quote import quote_stream
 from jobs.report import JobReport, Totals, now_iso, try_load_report
 from jobs.shard_seal import Sealed, ShardSealer, load_sealed, manifest_totals
 from jobs.spec import JobSpec, SpecError, spec_changes
@@ -39,7 +40,7 @@ from operators.budget import Billing
 from operators.input_lists import is_list_input
 from operators.listing import iter_sources
 from operators.manifest import read_table
-from operators.plan import Plan, PlanTodo, iter_plan, plan_todo, shard_items, wave_items, write_plan
+from operators.plan import Plan, PlanTodo, iter_plan, plan_root, plan_todo, shard_items, wave_items, write_plan
 from operators.repack import members_by_archive
 from operators.resume import ResumeState, drop_duplicates, latest_rows, resume_state
 from operators.rows import FailureCause
@@ -92,16 +93,22 @@ def _run_leased(spec: JobSpec, log, approve: bool, auto_approve_below: float | N
                         f"items are kept: the job would mix two specs. Give the same options, a new --job-id, or "
                         f"--allow-spec-change (finished items keep their results)")
     # listed into plan shards (OUTPUT/JOB_ID/plan/): the driver never holds every row
-    plan = write_plan(iter_sources(spec.inputs, spec.storage_options), job_root, spec.storage_options,
-                      shard_items())
+    limit = auto_approve_below if auto_approve_below is not None else pricing.auto_approve_below
+    stream = None
+    if earlier is None and (limit is None or approve):  # a first run starts on its first shard (plan_stream.py)
+        stream = PlanStream(iter_sources, (spec.inputs, spec.storage_options), job_root, spec.storage_options,
+                            shard_items())
+        plan = Plan(plan_root(job_root))  # the shards come with the waves
+    else:
+        plan = write_plan(iter_sources(spec.inputs, spec.storage_options), job_root, spec.storage_options,
+                          shard_items())
     if plan.has_rar and rar_tool_missing():  # said up front; each compressed member then fails with the same hint
         log(f"warning: {RAR_TOOL_HINT}")
 
     report = JobReport(job_root, spec.public_dict(), spec.storage_options, earlier=earlier)
     report.doc.update(classes=classes, models={n: e.source.model_dump(exclude_none=True) for n, e in models.items()})
-    limit = auto_approve_below if auto_approve_below is not None else pricing.auto_approve_below
     if limit is not None and not approve and not report.doc.get("approved_at"):
-        quote = quote_items(iter_plan(plan, spec.storage_options), pricing, classes, archive_options(spec),
+        quote = quote_stream(iter_plan(plan, spec.storage_options), pricing, classes, archive_options(spec),
                             spec.storage_options)
         report.doc["quote"] = quote
         if quote["credits"] >= limit:
@@ -120,8 +127,9 @@ def _run_leased(spec: JobSpec, log, approve: bool, auto_approve_below: float | N
     weights = {name: prepared_weights(entry) for name, entry in models.items()}
     earlier_items = len(resume.finished) + sealed.totals.items
     note = f" ({earlier_items} finished earlier)" if earlier_items else ""
-    log(f"veil job {spec.job_id}: {todo.files} files{note}, classes {', '.join(classes)} -> {job_root}")
-    report.set("queued", f"{todo.files} files to process{note}")
+    files = f"{todo.files} files" if not stream else "files being listed"
+    log(f"veil job {spec.job_id}: {files}{note}, classes {', '.join(classes)} -> {job_root}")
+    report.set("queued", f"{files} to process{note}")
 
     report.reserve_room()  # so that a full disk still lets job.json say `failed` and why
     run_totals = Totals()
@@ -139,7 +147,7 @@ def _run_leased(spec: JobSpec, log, approve: bool, auto_approve_below: float | N
         _thread.interrupt_main()  # the main thread stops waiting (a KeyboardInterrupt, handled below)
 
     executor = RayExecutor(plan, whole, todo, sealed, classes, models, weights, pricing, job_root, report, lease,
-                           ray_lost, started_at, note, changed, log, bar)
+                           ray_lost, started_at, note, changed, log, bar, stream)
     try:
         execute(spec, report, pricing, executor, resume, run_totals, started_at, sealed=sealed,
                 on_batch=executor.show_progress)
@@ -200,34 +208,47 @@ class RayExecutor:
     changed: list[str]  # options changed since the earlier run (--allow-spec-change)
     log: Callable[[str], None]
     bar: bool | None
+    stream: PlanStream | None = None  # a first run's plan, shards arriving while the listing goes on
     progress: JobProgress | None = None
     started: float = field(default_factory=time.monotonic)
 
     def __call__(self, spec: JobSpec, resume: ResumeState) -> Iterator[dict]:
-        plan, todo, report, job_root = self.plan, self.todo, self.report, self.job_root
+        plan, todo, report, job_root, stream = self.plan, self.todo, self.report, self.job_root, self.stream
         with ray_session(on_lost=self.on_lost):
             res = plan_resources(spec, sum(len(w) for w in self.weights.values()),  # archives: members unknown
-                                 -(-todo.files // spec.batch_size) if not plan.archives else None)
+                                 -(-todo.files // spec.batch_size) if not (plan.archives or stream) else None)
             report.doc["resources"] = res.__dict__
             ledger = RemoteLedger(spec.max_credits, resume.charged) if spec.max_credits is not None else None
             billing = Billing(self.pricing, self.classes, ledger)
             report.set("processing", f"0 items done{self.note}", started_at=self.started_at)
             sealer = ShardSealer(plan, job_root, todo.left, spec.storage_options)
-            if todo.files:
+            if todo.files or stream:
                 # counted in items (archive members included), not files
-                self.progress = JobProgress(todo.archives, archive_options(spec), resume.finished, bar=self.bar,
-                                            log=self.log, plain=todo.plain)
+                self.progress = progress = JobProgress(todo.archives, archive_options(spec), resume.finished,
+                                                       bar=self.bar, log=self.log, plain=todo.plain)
+                if stream:
+                    progress.total = None  # known when the listing ends
+
+                def build(wave: Plan) -> ray.data.Dataset:
+                    sealer.add(wave)  # a streamed plan's shards arrive with their wave
+                    if stream and stream.plan and not stream.plan.archives:
+                        progress.total = stream.plan.items
+                    return build_dataset(spec, wave, self.classes, self.models, self.weights, job_root, res,
+                                         billing, resume.finished)
                 try:
-                    for stats in wave_batches(plan, lambda wave: build_dataset(
-                            spec, wave, self.classes, self.models, self.weights, job_root, res, billing,
-                            resume.finished)):
+                    waves = stream.waves(wave_items()) if stream else plan.waves(wave_items())
+                    for stats in wave_batches(waves, build):
                         if self.lease.lost.is_set():  # taken over as stale: another run owns the job now
                             raise LeaseLost(f"the lease of job {spec.job_id} was taken over by another run")
                         sealer.update(stats)
                         yield stats
                 finally:
-                    self.progress.close()
+                    progress.close()
             self.sealed.add(sealer.close(ended=True))
+            if stream:
+                self.whole = stream.result()
+                if self.whole.has_rar and rar_tool_missing():
+                    self.log(f"warning: {RAR_TOOL_HINT}")
             if spec.repack == "zip":
                 archives = plan_todo(self.whole, storage_options=spec.storage_options).all_archives
                 report.doc["repack"] = repack(spec, archives, job_root)
@@ -245,10 +266,10 @@ class RayExecutor:
             self.report.progress(run, self.progress.total, self.started, self.note)
 
 
-def wave_batches(plan: Plan, build: Callable[[Plan], ray.data.Dataset]) -> Iterator[dict]:
+def wave_batches(waves: Iterable[Plan], build: Callable[[Plan], ray.data.Dataset]) -> Iterator[dict]:
     """The stats rows as written, one Dataset per wave of shards (Plan.waves: Ray Data's state in
     the driver is freed when each Dataset ends, instead of growing with the whole job)."""
-    for wave in plan.waves(wave_items()):
+    for wave in waves:
         yield from build(wave).iter_batches(batch_size=None, batch_format="numpy")
 
 

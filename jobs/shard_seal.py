@@ -75,6 +75,14 @@ class ShardSealer:
         self.submitted: dict[str, ray.ObjectRef] = {}
         self.task = ray.remote(num_cpus=SEAL_CPUS)(seal_shard)
 
+    def add(self, wave: Plan) -> None:
+        """Shards first seen in a wave (a plan written while the job runs): all their items to run."""
+        for s in wave.shards:
+            if s.key not in self.by_key:
+                self.by_key[s.key] = s
+                if s.items and not s.archives:
+                    self.pending[s.key] = s.items
+
     def update(self, stats: dict) -> None:
         if "plan_shard" not in stats:
             return

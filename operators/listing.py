@@ -2,8 +2,8 @@
 
 `list_sources` sorts each input's whole listing and checks output-path collisions against every
 row seen (a set of all paths): memory in the driver grows with the job. Here each folder is listed
-(os.walk locally, fsspec `walk` elsewhere: one LIST per folder) and its rows yielded before the
-next is read, so memory is that of the largest folder. Item ids are the same as list_sources'.
+(os.walk locally; elsewhere one LIST per folder, many in flight: operators/remote_walk.py) and its
+rows yielded before the next is read, so memory is that of the largest folders. Item ids are the same as list_sources'.
 
 Collisions are found without a set of every path, from where they can come from:
 - a name that `safe_rel_path` rewrites (`a\\b.jpg` -> `a/b.jpg`) can take another file's path: it
@@ -21,6 +21,7 @@ from collections.abc import Iterator
 
 from operators.input_lists import is_list_input, iter_list_rows, list_name
 from operators.items import UnsafePath, item_id, kind_of, safe_rel_path
+from operators.remote_walk import walk_remote
 from operators.rows import FailureCause
 from operators.sources import GLOB_CHARS, InputError, _entries, _unique_prefix, local_entry
 from operators.storage import filesystem, is_local
@@ -118,7 +119,7 @@ def _expand_stream(url: str, storage_options: dict | None):
         return fs, root, iter(files)
     if fs.isdir(path):
         root = path.rstrip("/")
-        return fs, root, (walk_local(root) if local else _walk_remote(fs, root))
+        return fs, root, (walk_local(root) if local else walk_remote(fs, root))  # remote: parallel LISTs
     if fs.isfile(path):
         return fs, posixpath.dirname(path), iter([(path, fs.size(path), None)])
     raise InputError(f"input {url!r} does not exist")
@@ -132,24 +133,3 @@ def walk_local(root: str) -> Iterator[Entry]:
         for name in sorted(names + links):
             yield local_entry(os.path.join(folder, name), real_root)
         dirs[:] = sorted(d for d in dirs if d not in links)
-
-
-def _walk_remote(fs, root: str) -> Iterator[Entry]:
-    """One listing per folder (fsspec walk), files sorted within it."""
-    for folder, dirs, files in fs.walk(root, detail=True):
-        for name in sorted(files):
-            info = files[name]
-            yield posixpath.join(folder, name), int(info.get("size") or 0), None
-        if isinstance(dirs, dict):
-            for name in list(dirs):
-                if name in files:  # S3: a key `x.jpg` and keys under `x.jpg/`
-                    yield from _clashing_folder(fs, posixpath.join(folder, name), root)
-                    del dirs[name]
-
-
-def _clashing_folder(fs, folder: str, root: str) -> Iterator[Entry]:
-    """The files under a folder that has the name of a file: each fails, its path is the file's."""
-    for path in sorted(fs.find(folder)):
-        yield path, 0, ("failed", FailureCause.OUTPUT_PATH_ERROR,
-                        f"output path {posixpath.relpath(path, root)!r} needs a "
-                        f"folder where the image {posixpath.relpath(folder, root)!r} is written")

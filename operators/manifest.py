@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -101,13 +102,36 @@ def write_part(job_root: str, table_name: str, rows: list[dict] | pa.Table, sche
 
 
 def part_urls(job_root: str, table_name: str, storage_options: dict | None = None,
-              prefix: str = "part-") -> dict[str, str]:
-    """{part file name: path} of one manifest table (`prefix`: the parts of one plan shard)."""
-    from operators.storage import filesystem
+              prefix: str = "part-", keep: Callable[[str], bool] | None = None) -> dict[str, str]:
+    """{part file name: path} of one manifest table: the parts whose name starts with `prefix` (one
+    plan shard's: `part-shard-000003-`) and that `keep` keeps (a resume leaves sealed shards out).
 
-    fs, path = filesystem(join(job_root, "manifest", table_name), storage_options)
+    Listed by name prefix, not by glob (a glob lists the whole folder to match names: sealing each
+    shard would list every part of the job), and filtered as listed: the driver holds the names
+    kept, never the whole manifest's. On S3 the prefix goes to the LIST itself, a page at a time."""
+    from operators.s3_list import can_list_fast, s3_pages
+    from operators.storage import filesystem, is_local
+
+    url = join(job_root, "manifest", table_name)
+    fs, path = filesystem(url, storage_options)
+
+    def wanted(name: str) -> bool:
+        return name.endswith(".parquet") and (keep is None or keep(name))
+
+    if is_local(url):
+        try:
+            return {n: f"{path}/{n}" for n in sorted(e.name for e in os.scandir(path)
+                                                     if e.name.startswith(prefix) and wanted(e.name))}
+        except FileNotFoundError:
+            return {}
+    if can_list_fast(fs):
+        try:
+            found = [f[0] for files, _ in s3_pages(fs, path, prefix) for f in files if wanted(f[0].rsplit("/", 1)[-1])]
+            return {p.rsplit("/", 1)[-1]: p for p in sorted(found)}
+        except Exception:  # noqa: BLE001 - listed again below, which raises what is really wrong
+            pass
     parts = fs.glob(path + f"/{prefix}*.parquet") if fs.exists(path) else []
-    return {p.rsplit("/", 1)[-1]: p for p in sorted(parts)}
+    return {p.rsplit("/", 1)[-1]: p for p in sorted(parts) if wanted(p.rsplit("/", 1)[-1])}
 
 
 PARTS_PER_FOLD = 128
@@ -122,8 +146,8 @@ def read_table(job_root: str, table_name: str, storage_options: dict | None = No
     schema = IMAGES_SCHEMA if table_name == "images" else DETECTIONS_SCHEMA
     if columns is not None:
         schema = pa.schema([schema.field(c) for c in columns])
-    fs, path = filesystem(join(job_root, "manifest", table_name), storage_options)
-    parts = sorted(fs.glob(path + "/part-*.parquet")) if fs.exists(path) else []
+    fs, _ = filesystem(join(job_root, "manifest", table_name), storage_options)
+    parts = list(part_urls(job_root, table_name, storage_options).values())
     if not parts:
         return schema.empty_table()
     return read_parts_folded(parts, fs, schema, columns)

@@ -17,7 +17,7 @@ import io
 import json
 import os
 import posixpath
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
@@ -29,6 +29,10 @@ from operators.archives import ArchiveOptions, expand_rows
 from operators.storage import filesystem, join, read_bytes, write_atomic
 
 SHARD_ITEMS = 10_000
+# The first shard is small: a first run's first wave is that shard alone (jobs/plan_stream.py), and
+# on a small machine Ray Data gives the write tasks a CPU only once the wave's items have gone
+# through detection, so the first items appear after 1,000 items' work, not 10,000.
+FIRST_SHARD_ITEMS = 1_000
 PLAN_SCHEMA = pa.schema([
     ("item_id", pa.string()),
     ("source_url", pa.string()),
@@ -109,20 +113,25 @@ def plan_root(job_root: str) -> str:
 
 
 def write_plan(rows: Iterable[dict], job_root: str, storage_options: dict | None = None,
-               shard_items: int = SHARD_ITEMS) -> Plan:
+               shard_items: int = SHARD_ITEMS, on_shard: Callable[[Shard], None] | None = None) -> Plan:
     """Stream `rows` (list_sources' dicts) into shards under JOB_ROOT/plan/; returns the plan.
-    Shards of an earlier plan of the job beyond the new count are removed (a shorter listing)."""
+    Shards of an earlier plan of the job beyond the new count are removed (a shorter listing).
+    `on_shard(shard)`: called as each shard is written (jobs/plan_stream.py starts on it)."""
     plan = Plan(plan_root(job_root))
     pending: list[dict] = []
     for row in rows:
         pending.append(row)
         if row["kind"] == "archive" and row["rel_path"].lower().endswith(RAR_SUFFIXES):
             plan.has_rar = True
-        if len(pending) >= shard_items:
+        if len(pending) >= (shard_items if plan.shards else min(shard_items, FIRST_SHARD_ITEMS)):
             plan.shards.append(_write_shard(plan, pending, storage_options))
             pending = []
+            if on_shard:
+                on_shard(plan.shards[-1])
     if pending or not plan.shards:
         plan.shards.append(_write_shard(plan, pending, storage_options))
+        if on_shard:
+            on_shard(plan.shards[-1])
     _remove_stale(plan, storage_options)
     plan.save(storage_options)
     return plan
@@ -163,11 +172,27 @@ def iter_plan(plan: Plan, storage_options: dict | None = None, kinds: tuple[str,
                 yield row
 
 
+SLICE_ITEMS = 256  # plan rows per first-stage task (see slices)
+
+
+def slices(plan: Plan, size: int = SLICE_ITEMS) -> list[dict]:
+    """The dataset rows of a wave: {"shard": url, "start": i, "stop": j}, `size` plan rows each.
+    A task that streamed a whole shard (10,000 items) held its CPU until the shard had gone
+    through detection, so on a small machine no write task could start: the first item was
+    written only after a whole shard (4 min on 2 busy CPUs). A slice's task ends in seconds."""
+    return [{"shard": url, "start": a, "stop": min(a + size, s.items)}
+            for url, s in zip(plan.urls(), plan.shards, strict=True) for a in range(0, max(s.items, 1), size)]
+
+
 def shard_rows(row: dict, storage_options: dict | None = None) -> Iterator[dict]:
-    """One dataset row {"shard": url} as the shard's item rows (on a worker), each tagged with
-    the shard (`plan_shard`), which the writer puts in its part names (operators/shard_resume.py)."""
+    """One dataset row {"shard": url[, "start", "stop"]} as that slice of the shard's item rows (on
+    a worker), each tagged with the shard (`plan_shard`), which the writer puts in its part names
+    (operators/shard_resume.py)."""
     key = posixpath.basename(str(row["shard"])).removesuffix(".parquet")
-    for item in read_shard(str(row["shard"]), storage_options).to_pylist():
+    table = read_shard(str(row["shard"]), storage_options)
+    if row.get("stop") is not None:
+        table = table.slice(int(row["start"]), int(row["stop"]) - int(row["start"]))
+    for item in table.to_pylist():
         item["plan_shard"] = key
         yield item
 

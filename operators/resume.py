@@ -76,11 +76,8 @@ def _compact(job_root: str, storage_options: dict | None, keep, parts: Callable[
     only those `keep(latest)` selects stay; return what stayed (`finished`) and what went."""
     state = ResumeState()
     fs, _ = filesystem(job_root, storage_options)
-    images_parts = part_urls(job_root, "images", storage_options, prefix)
-    det_parts = part_urls(job_root, "detections", storage_options, prefix)
-    if parts is not None:
-        images_parts = {n: p for n, p in images_parts.items() if parts(n)}
-        det_parts = {n: p for n, p in det_parts.items() if parts(n)}
+    images_parts = part_urls(job_root, "images", storage_options, prefix, keep=parts)
+    det_parts = part_urls(job_root, "detections", storage_options, prefix, keep=parts)
     for name, path in det_parts.items():
         if name not in images_parts:  # killed between the two writes of a batch
             fs.rm(path)

@@ -98,5 +98,5 @@ def read_parts(job_root: str, storage_options: dict | None = None, columns: list
     """manifest.read_table over the images parts `parts` keeps (or of one shard, by `prefix`)."""
     schema = IMAGES_SCHEMA if columns is None else pa.schema([IMAGES_SCHEMA.field(c) for c in columns])
     fs, _ = filesystem(job_root, storage_options)
-    urls = [u for n, u in part_urls(job_root, "images", storage_options, prefix).items() if parts is None or parts(n)]
+    urls = list(part_urls(job_root, "images", storage_options, prefix, keep=parts).values())
     return read_parts_folded(urls, fs, schema, columns)

