@@ -114,8 +114,9 @@ def test_sigterm_ends_a_running_job_as_cancelled(photos, tmp_path):
         _wait_for(lambda: (out / "t/job.json").exists()
                   and json.loads((out / "t/job.json").read_text())["status"] == "processing", 120, proc)
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) != 0
+        assert proc.wait(timeout=60) != 0, proc.stdout.read().decode(errors="replace")[-3000:]
     finally:
         os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
     doc = json.loads((out / "t/job.json").read_text())
-    assert (doc["status"], doc["description"]) == ("cancelled", "stopped by the user") and doc["finished_at"]
+    assert (doc["status"], doc["description"]) == ("cancelled", "stopped by the user") and doc["finished_at"], \
+        proc.stdout.read().decode(errors="replace")[-3000:]
