@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from pathlib import Path
 
 import av
 import pytest
 from video_media import clip_paths
 
+from jobs.bench_video import bench_video_codec
 from models.catalog import load_catalog
 from models.fetch import prepared_weights
 from models.profiles import for_entries
@@ -28,22 +28,6 @@ def _detector(threshold: float) -> Detector:
                     for_entries([entry], ["face"], {"face": threshold}).model_dump(), "cpu", 1)
 
 
-def _bare_fps(path: Path, out: Path) -> float:
-    """Decode -> RGB -> libx264 CRF 23: the loop without detection, tracking or blur."""
-    t, n = time.perf_counter(), 0
-    with av.open(str(path)) as c, av.open(str(out), "w") as o:
-        vin = c.streams.video[0]
-        s = o.add_stream("libx264", rate=vin.average_rate, options={"crf": "23", "preset": "veryfast"})
-        s.width, s.height, s.pix_fmt = vin.codec_context.width, vin.codec_context.height, "yuv420p"
-        for f in c.decode(video=0):
-            n += 1
-            for p in s.encode(av.VideoFrame.from_ndarray(f.to_ndarray(format="rgb24"), format="rgb24")):
-                o.mux(p)
-        for p in s.encode(None):
-            o.mux(p)
-    return n / (time.perf_counter() - t)
-
-
 @pytest.mark.slow
 def test_video_figures(tmp_path):
     reference = _detector(0.3)
@@ -56,7 +40,8 @@ def test_video_figures(tmp_path):
         length = Counter(int(t) for a in ids for t in a)
         ref = [(i, d.boxes[j]) for i, (d, a) in enumerate(zip(found, ids, strict=True)) for j in range(len(d))
                if length[int(a[j])] >= 10]
-        figures = {"clip": name, "reference_boxes": len(ref), "bare_fps": round(_bare_fps(path, tmp_path / name), 1)}
+        codec = bench_video_codec(str(path), str(tmp_path))  # decode -> encode, no detection
+        figures = {"clip": name, "reference_boxes": len(ref), "bare_fps": round(codec["fps"], 1)}
         for threshold in (0.5, 0.7):
             for tracking in (False, True):
                 t = time.perf_counter()
