@@ -39,6 +39,12 @@ def lease_ttl() -> float:
     return float(os.environ.get("VEIL_LEASE_TTL_S") or LEASE_TTL_S)
 
 
+def lease_wait() -> float:
+    """Seconds a run waits for a held lease before JobBusy: 0, unless VEIL_LEASE_WAIT_S says (set by
+    jobs.submit for a resumed Ray attempt, whose predecessor Ray calls stopped may still be exiting)."""
+    return float(os.environ.get("VEIL_LEASE_WAIT_S") or 0.0)
+
+
 def _precondition_failed(exc: BaseException) -> bool:
     """s3fs turns S3's 412 into FileExistsError (If-None-Match) or OSError(EINVAL) (If-Match)."""
     text = str(exc).lower().replace("-", "")
@@ -138,8 +144,18 @@ class JobLease:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     # --- the life of a lease ---
-    def acquire(self, job_id: str) -> JobLease:
-        """Take the lease, or JobBusy naming its live holder."""
+    def acquire(self, job_id: str, wait_s: float = 0.0) -> JobLease:
+        """Take the lease, or JobBusy naming its live holder (after waiting up to `wait_s` for it to go)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                return self._acquire(job_id)
+            except JobBusy:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.5)
+
+    def _acquire(self, job_id: str) -> JobLease:
         for _ in range(5):  # a lost race re-reads: the winner's fresh lease then refuses us
             doc, version = self._read()
             if doc is not None and doc.get("token") == self.token:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from jobs.lease import JobLease
+from jobs.lease import JobLease, lease_wait
 from jobs.pipeline import (
     RemoteLedger,
     archive_options,
@@ -72,7 +72,7 @@ def run_job(
     pricing = load_pricing(spec.pricing)
     check_output_outside_inputs([i for i in spec.inputs if not is_list_input(i)], spec.output, spec.storage_options)
     job_root = join(spec.output, spec.job_id)
-    lease = JobLease(job_root, spec.storage_options).acquire(spec.job_id)
+    lease = JobLease(job_root, spec.storage_options).acquire(spec.job_id, wait_s=lease_wait())
     try:
         return _run_leased(spec, log, approve, auto_approve_below, retry_failed, allow_spec_change, classes, models,
                            pricing, job_root, lease, bar)

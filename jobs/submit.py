@@ -52,6 +52,9 @@ class RayJobNotFound(LookupError):
     """No Ray job with the submission id `veil-<JOB_ID>` on that cluster."""
 
 
+RESUME_LEASE_WAIT_S = 60  # a stopped attempt's driver exits within Ray's stop timeout plus its own cleanup
+
+
 def submission_id(job_id: str, attempt: int = 1) -> str:
     return SUBMISSION_PREFIX + job_id + (f"-{attempt}" if attempt > 1 else "")
 
@@ -187,6 +190,10 @@ def submit(address: str | None, spec: JobSpec, controls: dict | None = None, pip
                             f"{info.submission_id} (veil cancel {job_id} ...)")
     attempt = max((_attempt(info) for info in earlier), default=0) + 1
     sid = submission_id(job_id, attempt)
+    if attempt > 1:
+        # Ray says an attempt STOPPED once it has signalled the driver, which may still be exiting
+        # (writing `cancelled`, releasing its lease): the next attempt's driver waits for the lease
+        env_vars = {"VEIL_LEASE_WAIT_S": str(RESUME_LEASE_WAIT_S), **(env_vars or {})}
     env = runtime_env(pip, pip_extra, env_vars)
     retry_no_agent(lambda: client.submit_job(  # a head's first seconds: no job agent yet
         entrypoint=command,

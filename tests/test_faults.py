@@ -196,7 +196,11 @@ def _lease_rules(root: str, opts: dict, fs=None) -> None:
     first = JobLease(root, opts).acquire("job")
     with pytest.raises(JobBusy, match="job job is running"):
         JobLease(root, opts).acquire("job")
-    first.release()
+    # a resumed Ray attempt waits for a predecessor that is still exiting (jobs.submit sets the wait)
+    threading.Timer(1.0, first.release).start()
+    t0 = time.monotonic()
+    JobLease(root, opts).acquire("job", wait_s=30).release()
+    assert 0.9 < time.monotonic() - t0 < 20
 
     def plant(**doc) -> None:
         data = json.dumps({"token": "x", "acquired": time.time(), "pid_started": 0, **doc}).encode()

@@ -168,8 +168,10 @@ def test_ray_job_stopped_ends_cancelled_uncharged_and_approve_resumes_it(ray_hea
         assert dave.post(f"/approve_job/{job_id}").status_code == 200  # resumed: attempt 2, a new Ray job
         result = wait_for(lambda: dave.get(f"/get_job_result/{job_id}").json(),
                           lambda d: d["job_status"] in ("done", "failed", "cancelled"), timeout=180, every=1.0)
+        info = ray_job_info(ray_head, job_id)
         assert result["job_status"] == "done" and result["job_total_credit_cost"] == 2.0, (
-            result, ray_job_info(ray_head, job_id))
+            result["job_status_description"], info["message"],
+            JobSubmissionClient(ray_head).get_job_logs(info["submission_id"])[-3000:])
         assert dave.get("/get_credit_balance").json() == {"credits": 10.0, "used": 2.0, "reserved": 0.0,
                                                           "available": 8.0}
     record = json.loads((storage / "jobs" / job_id / "ray.json").read_text())
